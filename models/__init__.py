@@ -1,0 +1,1 @@
+"""Models: preprocessing shared by prepare, training and serving."""

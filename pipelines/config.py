@@ -1,0 +1,235 @@
+"""``params.yaml``, the project's one configuration source, as typed, strict dataclasses.
+
+Every default lives in ``params.yaml``; the dataclasses here have none, so a key missing from the file is an
+error just like an unknown one. Command-line overrides use dotted keys (``train.epsilon=3``) and go through
+the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+# Stages run from the repository root (as DVC and MLflow Projects do), so paths in params.yaml are relative to it.
+PARAMS_FILE = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """params.yaml (or an override) has an unknown key, a missing key or a value of the wrong type."""
+
+
+@dataclass(frozen=True)
+class Base:
+    """Settings every stage shares.
+
+    Attributes:
+        seed: the seed of everything random that is not the synthetic data.
+        image_size: side of the square training images in pixels.
+        artifacts: folder of stage outputs.
+
+    """
+
+    seed: int
+    image_size: int
+    artifacts: str
+
+
+@dataclass(frozen=True)
+class Synthetic:
+    """The embedded synthetic data set (``make data``).
+
+    Attributes:
+        seed: the generator's seed.
+        scale: multiplies each site's number of patients.
+
+    """
+
+    seed: int
+    scale: float
+
+
+@dataclass(frozen=True)
+class Site:
+    """One data set in its native format.
+
+    Attributes:
+        format: the adapter (``mimic-cxr-jpg``, ``chexpert``, ``chestxray14``, ``padchest``, ``vindr-cxr``,
+            ``inhouse``).
+        role: ``private`` (the one DP training site), ``public`` (pretraining source) or ``external``
+            (evaluation only).
+        path: the data set's root folder, relative to the repository or absolute.
+        options: adapter options (e.g. ``aggregation: any`` for VinDr-CXR).
+
+    """
+
+    format: str
+    role: Literal["private", "public", "external"]
+    path: str
+    options: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Data:
+    """Where the data sets are and how their labels and views are harmonised.
+
+    Attributes:
+        synthetic: the embedded default's generator settings.
+        uncertain: what an uncertain (-1) label becomes.
+        not_mentioned: what a blank label becomes.
+        frontal_only: keep only PA and AP images.
+        sites: the data sets by site name.
+
+    """
+
+    synthetic: Synthetic
+    uncertain: Literal["negative", "positive"]
+    not_mentioned: Literal["negative", "positive"]
+    frontal_only: bool
+    sites: dict[str, Site]
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """The prepare stage.
+
+    Attributes:
+        val_fraction: share of the private site's patients in the validation split.
+        test_fraction: share of the private site's patients in the test split.
+        max_bad_fraction: the stage fails when a site has more unreadable images than this share.
+        workers: decoding processes.
+
+    """
+
+    val_fraction: float
+    test_fraction: float
+    max_bad_fraction: float
+    workers: int
+
+
+@dataclass(frozen=True)
+class Params:
+    """All of params.yaml."""
+
+    base: Base
+    data: Data
+    prepare: Prepare
+
+    def private_site(self) -> str:
+        """The name of the one site with role ``private``."""
+        return next(name for name, site in self.data.sites.items() if site.role == "private")
+
+
+def load_params(path: Path = PARAMS_FILE, overrides: list[str] | tuple[str, ...] = ()) -> Params:
+    """Reads params.yaml, applies ``key.path=value`` overrides and checks every key and type.
+
+    Args:
+        path: the YAML file.
+        overrides: dotted assignments; the value is parsed as YAML (``3``, ``true``, ``[1, 3]``).
+
+    Raises:
+        ConfigError: the one-line reason, naming the key.
+
+    """
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as error:
+        raise ConfigError(f"{path} not found: run from the repository root or pass --params") from error
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+    for override in overrides:
+        _apply_override(raw, override)
+    params = _build(Params, raw, "")
+    _check(params)
+    return params
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r} is not of the form key.path=value")
+    *parents, leaf = key.strip().split(".")
+    node = raw
+    for part in parents:
+        if not isinstance(node.get(part), dict):
+            raise ConfigError(f"override {override!r}: unknown key {key!r}")
+        node = node[part]
+    if leaf not in node:
+        raise ConfigError(f"override {override!r}: unknown key {key!r}")
+    node[leaf] = yaml.safe_load(value)
+
+
+def _build(kind: Any, value: Any, where: str) -> Any:
+    """Converts a YAML value to ``kind``, naming the dotted key of anything wrong."""
+    label = where or "params.yaml"
+    origin = typing.get_origin(kind)
+    if dataclasses.is_dataclass(kind):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{label} must be a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(kind)
+        names = [f.name for f in dataclasses.fields(kind)]
+        unknown = sorted(set(value) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown key {_join(where, unknown[0])} in params.yaml; known keys here: {names}")
+        missing = [n for n in names if n not in value]
+        if missing:
+            raise ConfigError(f"params.yaml lacks {_join(where, missing[0])}")
+        return kind(**{n: _build(hints[n], value[n], _join(where, n)) for n in names})
+    if origin is dict:
+        key_type, value_type = typing.get_args(kind)
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{label} must be a mapping")
+        return {str(k): _build(value_type, v, _join(where, str(k))) for k, v in value.items()}
+    if origin is list:
+        (item_type,) = typing.get_args(kind)
+        if not isinstance(value, list):
+            raise ConfigError(f"{label} must be a list")
+        return [_build(item_type, v, f"{label}[{i}]") for i, v in enumerate(value)]
+    if origin is Literal:
+        allowed = typing.get_args(kind)
+        if value not in allowed:
+            raise ConfigError(f"{label} is {value!r}; allowed: {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(kind)
+        if value is None and type(None) in options:
+            return None
+        return _build(next(o for o in options if o is not type(None)), value, where)
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{label} must be a number, got {value!r}")
+        return float(value)
+    if kind in (int, bool, str):
+        if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        if type(value) is not kind:
+            raise ConfigError(f"{label} must be {kind.__name__}, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {kind}")
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _check(params: Params) -> None:
+    private = [n for n, s in params.data.sites.items() if s.role == "private"]
+    if len(private) != 1:
+        raise ConfigError(f"data.sites must have exactly one site with role private, found {private}")
+    p = params.prepare
+    for key in ("val_fraction", "test_fraction", "max_bad_fraction"):
+        if not 0 <= getattr(p, key) < 1:
+            raise ConfigError(f"prepare.{key} must be in [0, 1)")
+    if p.val_fraction + p.test_fraction >= 1:
+        raise ConfigError("prepare.val_fraction + prepare.test_fraction must leave patients for training")
+    if params.base.image_size < 16:
+        raise ConfigError("base.image_size must be at least 16 pixels")
+    if p.workers < 1:
+        raise ConfigError("prepare.workers must be at least 1")

@@ -1,0 +1,74 @@
+"""MIMIC-CXR-JPG 2.x: a JPEG tree, the metadata, split and CheXpert-labeler CSVs, and MIMIC-IV demographics.
+
+Images are ``files/pXX/p<subject>/s<study>/<dicom_id>.jpg``; sex and age come from MIMIC-IV ``patients.csv``.
+
+Labels are per study and joined on (subject_id, study_id); a study without a label row gets null labels.
+Age at the study is ``anchor_age + (study year - anchor_year)``; ``anchor_age`` 91 means "over 89" and is
+capped at 90.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.data.adapters._csv import find_file, read_csv
+from pipelines.data.schema import finalize_manifest, parse_label, parse_number, parse_sex, valid_age
+
+LABEL_COLUMNS = {
+    "atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly", "pleural_effusion": "Pleural Effusion",
+    "pneumonia": "Pneumonia", "no_finding": "No Finding",
+}
+VIEW = {"PA": "PA", "AP": "AP", "LATERAL": "LATERAL", "LL": "LATERAL"}
+SPLIT = {"train": "train", "validate": "val", "test": "test"}
+TOP_CODED_AGE = 91
+
+
+def read(root: Path, site: str, patients_csv: Path | None = None) -> pd.DataFrame:
+    """Reads a MIMIC-CXR-JPG copy into the common manifest.
+
+    Args:
+        root: the version folder (``.../mimic-cxr-jpg/2.0.0``) holding ``files/`` and the CSVs.
+        site: the configured site name.
+        patients_csv: MIMIC-IV ``patients.csv``; by default ``patients.csv`` in ``root`` or ``root/hosp``.
+
+    """
+    meta = read_csv(find_file(root, "mimic-cxr-2.0.0-metadata.csv"),
+                    ("dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"))
+    split = read_csv(find_file(root, "mimic-cxr-2.0.0-split.csv"), ("dicom_id", "split"))
+    labels = read_csv(find_file(root, "mimic-cxr-2.0.0-chexpert.csv"),
+                      ("subject_id", "study_id", *LABEL_COLUMNS.values()))
+    patients_path = patients_csv or find_file(root, "patients.csv", "hosp/patients.csv")
+    patients = read_csv(patients_path, ("subject_id", "gender", "anchor_age", "anchor_year"))
+
+    frame = meta.merge(split[["dicom_id", "split"]], on="dicom_id", how="left")
+    frame = frame.merge(labels, on=["subject_id", "study_id"], how="left")
+    frame = frame.merge(patients[["subject_id", "gender", "anchor_age", "anchor_year"]], on="subject_id", how="left")
+
+    out = pd.DataFrame({
+        "image_id": frame["dicom_id"],
+        "patient_id": frame["subject_id"],
+        "study_id": frame["study_id"],
+        "site": site,
+        "path": [str(root / "files" / f"p{s[:2]}" / f"p{s}" / f"s{st}" / f"{d}.jpg")
+                 for d, s, st in zip(frame["dicom_id"], frame["subject_id"], frame["study_id"], strict=True)],
+        "view": frame["ViewPosition"].map(lambda v: VIEW.get(str(v).strip().upper(), "OTHER")),
+        "sex": frame["gender"].map(parse_sex),
+        "age": [_age_at_study(a, y, d)
+                for a, y, d in zip(frame["anchor_age"], frame["anchor_year"], frame["StudyDate"], strict=True)],
+        "split": frame["split"].map(lambda v: SPLIT.get(v) if isinstance(v, str) else None),
+    })
+    for label, column in LABEL_COLUMNS.items():
+        out[label] = frame[column].map(parse_label)
+    return finalize_manifest(out)
+
+
+def _age_at_study(anchor_age: object, anchor_year: object, study_date: object) -> float | None:
+    age, year = parse_number(anchor_age), parse_number(anchor_year)
+    date = parse_number(study_date)
+    if age is None or year is None or date is None:
+        return None
+    if age >= TOP_CODED_AGE:
+        return 90.0
+    return valid_age(min(age + (int(date) // 10000 - year), 90.0))

@@ -1,0 +1,3 @@
+from pipelines.data.synthetic.generate import main
+
+main()

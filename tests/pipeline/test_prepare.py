@@ -1,0 +1,92 @@
+"""The prepare stage on the tiny synthetic data set: store, splits, corrupt images, atomic outputs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.config import load_params
+from pipelines.data.schema import LABELS
+from pipelines.data.store import open_site
+from pipelines.prepare import prepare
+from pipelines.stage import StageError
+
+
+def test_prepare_writes_a_store_per_site(workspace):
+    params = load_params(Path("params.yaml"), ["base.image_size=32"])
+    report = prepare(params)
+    out = Path("artifacts/prepare")
+    assert json.loads((out / "report.json").read_text())["images"] == report["images"] > 0
+    for name, site in params.data.sites.items():
+        store = open_site(out / name)
+        assert store.images.shape == (len(store.metadata), 32, 32) and store.images.dtype == np.uint8
+        assert set(store.metadata["view"]) <= {"PA", "AP"}
+        for label in LABELS:
+            assert set(store.metadata[label].unique()) <= {0, 1}
+        if site.role == "external":
+            assert set(store.metadata["split"]) == {"test"}
+    private = open_site(out / params.private_site()).metadata
+    assert set(private["split"]) == {"train", "val", "test"}
+    patients = [set(private.loc[private["split"] == s, "patient_id"]) for s in ("train", "val", "test")]
+    assert not (patients[0] & patients[1]) and not (patients[0] & patients[2]) and not (patients[1] & patients[2])
+    # The store holds the preprocessed pixels of the listed file (content hash recomputed).
+    from models.preprocessing import load_image
+    first = private.iloc[0]
+    assert np.array_equal(open_site(out / params.private_site()).images[0], load_image(Path(first["path"]), 32))
+    assert not list(Path("artifacts").glob(".*partial"))
+
+
+def test_splits_are_deterministic(workspace):
+    params = load_params(Path("params.yaml"), ["base.image_size=16"])
+    prepare(params)
+    first = open_site(Path("artifacts/prepare") / params.private_site()).metadata[["image_id", "split"]]
+    prepare(params)
+    second = open_site(Path("artifacts/prepare") / params.private_site()).metadata[["image_id", "split"]]
+    assert first.equals(second)
+
+
+def corrupt_one_private_image(params) -> Path:
+    site = params.data.sites[params.private_site()]
+    victim = sorted(Path(site.path, "images").glob("*.png"))[0]
+    victim.write_bytes(victim.read_bytes()[:100])   # truncated
+    return victim
+
+
+def test_corrupt_image_is_skipped_and_reported(workspace):
+    params = load_params(Path("params.yaml"), ["base.image_size=16", "prepare.max_bad_fraction=0.5"])
+    victim = corrupt_one_private_image(params)
+    report = prepare(params)
+    site = report["sites"][params.private_site()]
+    assert site["bad"] == 1 and site["images"] == site["frontal"] - 1
+    assert site["bad_images"][0]["path"] == str(victim)
+    assert "truncated or corrupt PNG" in site["bad_images"][0]["reason"]
+    store = open_site(Path("artifacts/prepare") / params.private_site())
+    assert victim.name.removesuffix(".png") not in set(store.metadata["image_id"])
+
+
+def test_too_many_bad_images_fail_and_leave_the_previous_outputs(workspace):
+    good = load_params(Path("params.yaml"), ["base.image_size=16"])
+    prepare(good)
+    before = (Path("artifacts/prepare") / "report.json").read_text()
+    strict = load_params(Path("params.yaml"), ["base.image_size=16", "prepare.max_bad_fraction=0.0"])
+    corrupt_one_private_image(strict)
+    with pytest.raises(StageError, match=r"1 of \d+ images unreadable .*prepare.max_bad_fraction=0.0"):
+        prepare(strict)
+    assert (Path("artifacts/prepare") / "report.json").read_text() == before
+    assert not list(Path("artifacts").glob(".*partial"))
+
+
+def test_command_line_errors_are_one_line(workspace):
+    result = subprocess.run([sys.executable, "-m", "pipelines.prepare", "-P", "prepare.wokers=1"],
+                            capture_output=True, text=True, cwd=workspace)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "prepare: error: override 'prepare.wokers=1': unknown key 'prepare.wokers'"
+    Path("params.yaml").write_text(Path("params.yaml").read_text().replace(
+        "path: data/synthetic-padchest", "path: data/missing-padchest"))
+    result = subprocess.run([sys.executable, "-m", "pipelines.prepare"], capture_output=True, text=True, cwd=workspace)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "data/missing-padchest does not exist" in result.stderr
+    assert not Path("artifacts/prepare").exists()
