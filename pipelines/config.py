@@ -113,12 +113,38 @@ class Prepare:
 
 
 @dataclass(frozen=True)
+class Validate:
+    """Thresholds of the Great Expectations gate (the validate stage).
+
+    Attributes:
+        max_sex_null_fraction: most images of a site whose sex may be unknown.
+        max_age_null_fraction: most images of a site whose age may be unknown.
+        min_age: youngest plausible age in years.
+        max_age: oldest plausible age in years.
+        min_sex_share: least share of each sex among a site's images of known sex.
+        min_prevalence: least share of positives per label and site.
+        max_prevalence: most share of positives per label and site.
+        min_test_age_bin_count: least images per age bin in a site's test split.
+    """
+
+    max_sex_null_fraction: float
+    max_age_null_fraction: float
+    min_age: float
+    max_age: float
+    min_sex_share: float
+    min_prevalence: float
+    max_prevalence: float
+    min_test_age_bin_count: int
+
+
+@dataclass(frozen=True)
 class Params:
     """All of params.yaml."""
 
     base: Base
     data: Data
     prepare: Prepare
+    validate: Validate
 
     def private_site(self) -> str:
         """The name of the one site with role ``private``."""

@@ -26,7 +26,8 @@ MANIFEST_COLUMNS: tuple[str, ...] = (
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
 VIEWS = frozenset({"PA", "AP", "LATERAL", "OTHER"})
 SPLITS = frozenset({"train", "val", "test"})
-AGE_BINS: tuple[tuple[float, float], ...] = ((0, 30), (30, 60), (60, 70), (70, 80), (80, 100))
+AGE_BINS: tuple[tuple[int, int], ...] = ((0, 30), (30, 60), (60, 70), (70, 80), (80, 100))
+AGE_BIN_NAMES: tuple[str, ...] = tuple(f"[{lo},{hi}{']' if hi == 100 else ')'}" for lo, hi in AGE_BINS)
 # Tokens that mean "missing" in the released CSVs (PadChest was cast to str before writing).
 MISSING_TOKENS = frozenset({"", "nan", "NaN", "None", "none", "NULL", "null"})
 MAX_PLAUSIBLE_AGE = 110.0
@@ -138,6 +139,5 @@ def apply_label_policy(frame: pd.DataFrame, uncertain: str, not_mentioned: str) 
 
 def age_bin(age: pd.Series) -> pd.Series:
     """The study's age bins ([0,30) [30,60) [60,70) [70,80) [80,100]) as strings, null for unknown age."""
-    edges = [b[0] for b in AGE_BINS] + [AGE_BINS[-1][1] + 1e-9]
-    names = [f"[{int(lo)},{int(hi)}{']' if hi == 100 else ')'}" for lo, hi in AGE_BINS]
-    return pd.cut(age.clip(upper=100), bins=edges, right=False, labels=names).astype(object)
+    edges = [lo for lo, _ in AGE_BINS] + [AGE_BINS[-1][1] + 1e-9]
+    return pd.cut(age.clip(upper=100), bins=edges, right=False, labels=list(AGE_BIN_NAMES)).astype(object)

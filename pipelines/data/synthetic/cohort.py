@@ -56,7 +56,7 @@ class SiteSpec:
 SITES: tuple[SiteSpec, ...] = (
     SiteSpec("synthetic-mimic-cxr-jpg", "mimic-cxr-jpg", "public", 1500, 0.48, 62, 17, 0.2, 0.04, 0.45, 0.35,
              Acquisition(size=(256, 224), fov=2.15, gamma=1.0, noise=0.02, blur=1.0, marker="L")),
-    SiteSpec("synthetic-uka-cxr-inhouse", "inhouse", "private", 1500, 0.4, 66, 15, 0.0, 0.03, 0.6, 0.0,
+    SiteSpec("synthetic-uka-cxr-inhouse", "inhouse", "private", 1500, 0.4, 60, 19, 0.0, 0.03, 0.6, 0.0,
              Acquisition(size=(256, 256), fov=2.1, gamma=1.1, noise=0.015, blur=0.8, marker="R")),
     SiteSpec("synthetic-chexpert", "chexpert", "external", 300, 0.41, 60, 18, 0.3, 0.06, 0.7, 0.3,
              Acquisition(size=(292, 240), fov=2.3, gamma=0.8, noise=0.03, blur=1.4, marker="L", brightness=0.05)),
