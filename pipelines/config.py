@@ -138,6 +138,49 @@ class Validate:
 
 
 @dataclass(frozen=True)
+class Train:
+    """DP-SGD training of one grid cell (the grid knobs are init, epsilon, model, data_fraction, seed).
+
+    Attributes:
+        init: ``scratch``, ``imagenet``, ``dinov3``, ``domain`` or ``checkpoint:<path>``.
+        epsilon: target epsilon; ``.inf`` trains the non-private baseline with the same loop and data.
+        model: ConvNeXt size.
+        data_fraction: share of the private training patients used (the data-scale sweep).
+        seed: seeds initialisation, sampling and noise (Opacus' secure RNG is unavailable with this torch).
+        delta: target delta; must be below 1/N.
+        accountant: ``prv`` (reported) or ``rdp``.
+        unit: privacy unit, ``image`` or ``patient`` (Poisson-samples patients, one image each per step).
+        max_grad_norm: per-sample clipping bound C.
+        optimizer: ``adamw`` (DP-AdamW, the study's) or ``sgd``.
+        lr: learning rate.
+        weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
+        epochs: planned epochs; the noise is calibrated over all their steps.
+        logical_batch: expected logical batch size (sampling rate q = logical_batch / N).
+        physical_batch: most examples in memory at once.
+        augment: random horizontal flip and rotation (up to 7 degrees).
+        self_check_images: images in the per-sample-gradient self-check before training.
+    """
+
+    init: str
+    epsilon: float
+    model: str
+    data_fraction: float
+    seed: int
+    delta: float
+    accountant: Literal["prv", "rdp"]
+    unit: Literal["image", "patient"]
+    max_grad_norm: float
+    optimizer: Literal["adamw", "sgd"]
+    lr: float
+    weight_decay: float
+    epochs: int
+    logical_batch: int
+    physical_batch: int
+    augment: bool
+    self_check_images: int
+
+
+@dataclass(frozen=True)
 class Params:
     """All of params.yaml."""
 
@@ -145,6 +188,7 @@ class Params:
     data: Data
     prepare: Prepare
     validate: Validate
+    train: Train
 
     def private_site(self) -> str:
         """The name of the one site with role ``private``."""
@@ -229,6 +273,12 @@ def _build(kind: Any, value: Any, where: str) -> Any:
             return None
         return _build(next(o for o in options if o is not type(None)), value, where)
     if kind is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "3e-3" and "inf" as strings; as numbers they are what the user meant.
+            try:
+                return float(value.strip().lstrip("."))
+            except ValueError:
+                raise ConfigError(f"{label} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{label} must be a number, got {value!r}")
         return float(value)
@@ -259,3 +309,12 @@ def _check(params: Params) -> None:
         raise ConfigError("base.image_size must be at least 16 pixels")
     if p.workers < 1:
         raise ConfigError("prepare.workers must be at least 1")
+    t = params.train
+    if not t.epsilon > 0:
+        raise ConfigError("train.epsilon must be positive (.inf for the non-private baseline)")
+    if not 0 < t.delta < 1:
+        raise ConfigError("train.delta must be in (0, 1)")
+    if not 0 < t.data_fraction <= 1:
+        raise ConfigError("train.data_fraction must be in (0, 1]")
+    if t.physical_batch < 1 or t.logical_batch < 1 or t.epochs < 1 or t.max_grad_norm <= 0:
+        raise ConfigError("train.physical_batch, logical_batch, epochs and max_grad_norm must be positive")

@@ -1,0 +1,123 @@
+"""DP-SGD step cost on convnext_atto: time ratio against non-private, and memory against the logical batch.
+
+1. Time: for 64, 128 and 224 px, a non-private step (plain model, AdamW) and a DP step (Opacus hooks with the
+   exact samplers of ``models.per_sample``, BoundedClipDPOptimizer, noise) on the same batch of 32, built in
+   one process and stepped in turn (A B A B ...). Prints the median of the per-round DP/non-private ratios.
+2. Memory: one logical DP step with logical batch 256 and with 4096 at physical batch 64 (BatchMemoryManager,
+   Poisson sampling), each in a fresh process; prints the peak RSS growth of each and their ratio.
+
+Targets (issue 4): ratio <= 3.5x at 64 px and <= 2.5x at 128 px; memory independent of the logical batch
+within 10%.
+
+    .venv/bin/python benchmarks/dp_step.py [--rounds 7] [--skip-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+MEMORY_PROBE = r"""
+import json, resource, sys, torch
+from torch.utils.data import Dataset
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from models.convnext import create_model
+from models.privacy import make_private
+
+class Synthetic(Dataset):            # images made on demand, so the data set itself takes no memory
+    def __len__(self): return 8192
+    def __getitem__(self, i):
+        g = torch.Generator().manual_seed(i)
+        return torch.randn(1, 64, 64, generator=g), (torch.rand(5, generator=g) > 0.5).float()
+
+logical = int(sys.argv[1])
+torch.manual_seed(0)
+model = create_model("atto")
+dp = make_private(model, torch.optim.AdamW(model.parameters()), Synthetic(), epsilon=8.0, delta=1e-5, epochs=1,
+                  max_grad_norm=1.0, logical_batch=logical, accountant="prv")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with BatchMemoryManager(data_loader=dp.loader, max_physical_batch_size=64, optimizer=dp.optimizer) as batches:
+    for x, y in batches:
+        last = not dp.optimizer._step_skip_queue or not dp.optimizer._step_skip_queue[0]
+        dp.optimizer.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(dp.model(x), y, reduction="none").sum(1).mean().backward()
+        dp.optimizer.step()
+        if last:
+            break
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"logical": logical, "peak_growth_mb": (peak - before) / 1024}))
+"""
+
+
+def step_ratio(size: int, rounds: int, batch: int = 32) -> tuple[float, float, float]:
+    from opacus import GradSampleModule
+
+    from models.convnext import create_model
+    from models.privacy import BoundedClipDPOptimizer
+
+    torch.manual_seed(0)
+    x, y = torch.randn(batch, 1, size, size), (torch.rand(batch, 5) > 0.5).float()
+    plain = create_model("atto")
+    plain_opt = torch.optim.AdamW(plain.parameters())
+    private = GradSampleModule(create_model("atto"))
+    private_opt = BoundedClipDPOptimizer(torch.optim.AdamW(private.parameters()), noise_multiplier=1.0,
+                                         max_grad_norm=1.0, expected_batch_size=batch)
+
+    def loss(model: torch.nn.Module) -> torch.Tensor:
+        return torch.nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="none").sum(1).mean()
+
+    def plain_step() -> None:
+        plain_opt.zero_grad()
+        loss(plain).backward()
+        plain_opt.step()
+
+    def private_step() -> None:
+        private_opt.zero_grad()
+        loss(private).backward()
+        private_opt.step()
+
+    def timed(step) -> float:
+        started = time.perf_counter()
+        step()
+        return time.perf_counter() - started
+
+    for _ in range(2):
+        plain_step(), private_step()
+    ratios, plain_times, private_times = [], [], []
+    for _ in range(rounds):
+        a, b = timed(plain_step), timed(private_step)
+        plain_times.append(a), private_times.append(b), ratios.append(b / a)
+    return statistics.median(ratios), batch / statistics.median(plain_times), batch / statistics.median(private_times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    import models.per_sample  # noqa: F401  (the exact samplers the DP step uses)
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for size in (64, 128, 224):
+        ratio, plain_ips, private_ips = step_ratio(size, args.rounds)
+        print(f"convnext_atto {size:>3} px, batch 32: DP/non-private step time {ratio:.2f}x "
+              f"(non-private {plain_ips:.1f} img/s, DP {private_ips:.1f} img/s)", flush=True)
+    if args.skip_memory:
+        return
+    peaks = {}
+    for logical in (256, 4096):
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(logical)], capture_output=True, text=True,
+                             check=True).stdout.strip().splitlines()[-1]
+        peaks[logical] = json.loads(out)["peak_growth_mb"]
+        print(f"logical batch {logical:>4}, physical 64, 64 px: peak RSS growth {peaks[logical]:.0f} MB", flush=True)
+    print(f"peak memory ratio logical 4096 / 256: {peaks[4096] / peaks[256]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,90 @@
+"""The model factory: timm ConvNeXt with the five-label head and grayscale input, the same for training and serving.
+
+A grayscale input (``in_chans=1``) is exactly equivalent to replicating the gray image into three channels:
+timm sums a pretrained stem's RGB kernels when it adapts them, and the convolution is linear. Layer-scale
+``gamma`` is folded into the following 1x1 projection (exact), so every block's parameters belong to layers
+with their own per-sample gradient function (see ``models.per_sample``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import timm
+import torch
+from timm.models.convnext import ConvNeXtBlock
+from torch import nn
+
+from pipelines.data.schema import LABELS
+
+SIZES = ("atto", "femto", "pico", "nano", "tiny", "small", "base")
+# Fixed input normalisation (uint8 / 255 -> centred): a constant, never estimated from private data.
+INPUT_MEAN, INPUT_STD = 0.5, 0.5
+
+
+def architecture(size: str) -> str:
+    """The timm architecture name of a ConvNeXt size.
+
+    Raises:
+        ValueError: unknown size.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown ConvNeXt size {size!r}; use one of {', '.join(SIZES)}")
+    return f"convnext_{size}"
+
+
+def create_model(size: str, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Builds a DP-ready ConvNeXt: five-label head, one input channel, no layer-scale, no in-place ops.
+
+    Args:
+        size: ConvNeXt size (``atto`` ... ``base``).
+        state_dict: weights in timm's layout (with or without ``gamma``); None keeps the random init.
+
+    Returns:
+        The model in training mode.
+    """
+    model = timm.create_model(architecture(size), pretrained=False, num_classes=len(LABELS), in_chans=1,
+                              drop_path_rate=0.0)
+    if state_dict is not None and not any(key.endswith(".gamma") for key in state_dict):
+        fold_layer_scale(model)         # the weights were saved folded: drop gamma before loading them
+    if state_dict is not None:
+        model.load_state_dict(state_dict)
+    fold_layer_scale(model)
+    for module in model.modules():
+        if hasattr(module, "inplace"):
+            module.inplace = False      # in-place ops break Opacus' backward hooks
+    return model
+
+
+def fold_layer_scale(model: nn.Module) -> None:
+    """Folds each block's layer-scale ``gamma`` into ``mlp.fc2`` (exactly) and removes it.
+
+    ``gamma`` scales the block's output channels, which is the same as scaling the rows of the last projection
+    and its bias. Without the bare ``gamma`` parameter Opacus can use per-layer gradient samplers instead of
+    sending the whole block through functorch. ``create_model(ls_init_value=None)`` would not do this: timm
+    drops keyword arguments whose value is None.
+    """
+    with torch.no_grad():
+        for block in model.modules():
+            if isinstance(block, ConvNeXtBlock) and block.gamma is not None:
+                weight, bias = block.mlp.fc2.weight, block.mlp.fc2.bias
+                weight.mul_(block.gamma.view(-1, *[1] * (weight.dim() - 1)))
+                bias.mul_(block.gamma)
+                block.gamma = None
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, S, S) -> float model input (N, 1, S, S) with the fixed normalisation."""
+    return (images.float().unsqueeze(1) / 255.0 - INPUT_MEAN) / INPUT_STD
+
+
+def predict(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Probabilities (N, L) for uint8 images (N, S, S), in eval mode without gradients."""
+    was_training = model.training
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = torch.from_numpy(np.asarray(images[start:start + batch_size]))
+            out.append(torch.sigmoid(model(normalize(batch))).numpy())
+    model.train(was_training)
+    return np.concatenate(out) if out else np.zeros((0, len(LABELS)), dtype=np.float32)

@@ -1,0 +1,358 @@
+"""The train stage: DP-SGD (Opacus) training of a timm ConvNeXt on the private site, one grid cell per run.
+
+A cell is (init, epsilon, model, data fraction, seed). The stage trains on the private site's train split
+and selects the epoch with the best val mean AUROC (the test split is never touched). Private runs use
+Poisson sampling, per-sample clipping with exact per-sample gradients (checked against a per-example loop
+before training starts), Gaussian noise calibrated to the target epsilon over all planned steps, and large
+logical batches through BatchMemoryManager. ``epsilon: .inf`` trains the non-private baseline with the same
+Poisson-sampled data and the same loop, without clipping or noise.
+
+Outputs under ``<artifacts>/train/<cell>/``: ``model.safetensors`` + ``spec.json`` (the selected weights),
+``privacy.json`` (the privacy record), ``history.json`` (per-epoch loss, val AUROC, epsilon),
+``checkpoint/`` (every epoch: weights, optimizer, accountant history, RNG state, step) and ``ledger.jsonl``
+(one line per executed step). ``--resume`` continues a killed run; its accountant counts every step the
+ledger recorded, including those after the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import opacus
+import torch
+import yaml
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+
+from models.convnext import predict
+from models.initialization import initialize
+from models.per_sample import TOLERANCE, max_relative_error
+from models.privacy import PrivacyRecord, StepLedger, cross_check, make_private
+from models.weights import ModelSpec, save_model
+from pipelines.config import Params, Train
+from pipelines.data.datasets import ImageDataset, PatientDataset
+from pipelines.data.schema import LABELS
+from pipelines.data.splits import patient_unit_interval
+from pipelines.data.store import METADATA, open_site
+from pipelines.metrics import mean_auroc
+from pipelines.stage import StageError, run_stage
+from pipelines.tracking import data_version, stage_run
+
+STAGE = "train"
+CHECKPOINT = "checkpoint"
+
+
+def cell_name(t: Train) -> str:
+    """The grid cell's folder and run name, e.g. ``scratch_eps8_atto_f1_s0``."""
+    init = "".join(c if c.isalnum() else "-" for c in t.init).strip("-")
+    eps = "inf" if math.isinf(t.epsilon) else f"{t.epsilon:g}"
+    return f"{init}_eps{eps}_{t.model}_f{t.data_fraction:g}_s{t.seed}"
+
+
+def train(params: Params, resume: bool = False) -> dict[str, object]:
+    """Trains one grid cell and logs it to MLflow.
+
+    Args:
+        params: the resolved configuration (``params.train`` is the cell).
+        resume: continue from the cell's last checkpoint and step ledger instead of starting over.
+
+    Returns:
+        The privacy record and the selection result.
+
+    Raises:
+        StageError: delta not below 1/N, the per-sample gradient self-check failed, the accounting
+            cross-check failed, or nothing to resume.
+    """
+    t = params.train
+    out = Path(params.base.artifacts) / STAGE / cell_name(t)
+    if not resume:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    private = Path(params.base.artifacts) / "prepare" / params.private_site()
+    store = open_site(private)
+    train_rows, train_meta = _training_rows(store, t)
+    val_rows, val_meta = store.split("val")
+    val_images, val_labels = np.asarray(store.images[val_rows]), val_meta[list(LABELS)].to_numpy()
+    labels = train_meta[list(LABELS)].to_numpy(np.float32)
+    if t.unit == "patient":
+        dataset = PatientDataset(store.images, train_rows, labels, train_meta["patient_id"].to_numpy(), t.augment)
+    else:
+        dataset = ImageDataset(store.images, train_rows, labels, t.augment)
+    n = len(dataset)
+    is_private = not math.isinf(t.epsilon)
+    if is_private and t.delta >= 1 / n:
+        raise StageError(f"train.delta={t.delta:g} is not below 1/N = 1/{n}; choose a smaller delta")
+
+    initialized = initialize(t.init, t.model, t.seed)
+    model = initialized.model
+    if is_private:
+        _self_check(model, dataset, t)
+    optimizer = _optimizer(model, t)
+    torch.manual_seed(t.seed)
+    if is_private:
+        dp = make_private(model, optimizer, dataset, epsilon=t.epsilon, delta=t.delta, epochs=t.epochs,
+                          max_grad_norm=t.max_grad_norm, logical_batch=t.logical_batch, accountant=t.accountant)
+        model, optimizer, loader, sigma, q = dp.model, dp.optimizer, dp.loader, dp.noise_multiplier, dp.sample_rate
+        accountant = dp.engine.accountant
+    else:
+        base = torch.utils.data.DataLoader(dataset, batch_size=min(t.logical_batch, n))
+        loader = opacus.data_loader.DPDataLoader.from_data_loader(base)   # the same Poisson sampling
+        sigma, q, accountant = 0.0, float(loader.sample_rate), None
+    plain = model._module if is_private else model
+    ledger = StepLedger(out / "ledger.jsonl")
+    state = _resume(out, plain, optimizer, accountant, ledger, sigma, q) if resume else _fresh_state()
+
+    spec = ModelSpec(size=t.model, image_size=params.base.image_size, init=initialized.provenance)
+    steps_per_epoch = len(loader)
+    for epoch in range(state["epoch"] + 1, t.epochs + 1):
+        progress = tqdm(total=steps_per_epoch, desc=f"train {cell_name(t)} epoch {epoch}/{t.epochs}", unit="step",
+                        file=sys.stderr, mininterval=1.0)
+        progress.set_postfix(eps=f"{state['epsilon']:.2f}")
+        if is_private:
+            loss_sum, seen = _private_epoch(model, optimizer, loader, t, ledger, (sigma, q), progress)
+        else:
+            loss_sum, seen = _plain_epoch(model, optimizer, loader, t, ledger, q * n, progress)
+        state["step"] += progress.n
+        progress.close()
+        if accountant is not None:
+            state["epsilon"] = float(accountant.get_epsilon(t.delta))
+        val_auroc = mean_auroc(val_labels, predict(plain, val_images))
+        state["history"].append({"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "val_mean_auroc": val_auroc,
+                                 "epsilon": state["epsilon"], "steps": state["step"]})
+        print(f"train: epoch {epoch}: val mean AUROC {val_auroc:.4f}, epsilon {state['epsilon']:.3f}, "
+              f"{state['step']} steps", file=sys.stderr)
+        if val_auroc > state["best_auroc"] or state["best_epoch"] == 0:
+            state["best_auroc"], state["best_epoch"] = val_auroc, epoch
+            save_model(plain, spec, out)
+        state["epoch"] = epoch
+        _save_checkpoint(out / CHECKPOINT, plain, optimizer, accountant, state)
+
+    record = _privacy_record(params, t, accountant, sigma, q, n, state, initialized.provenance)
+    (out / "privacy.json").write_text(record.to_json())
+    (out / "history.json").write_text(json.dumps(state["history"], indent=2))
+    result = {"cell": cell_name(t), "epsilon": record.epsilon, "best_epoch": state["best_epoch"],
+              "val_mean_auroc": state["best_auroc"], "steps": record.steps, "noise_multiplier": sigma}
+    print(f"train: {cell_name(t)}: best epoch {state['best_epoch']} (val mean AUROC {state['best_auroc']:.4f}), "
+          f"epsilon {record.epsilon:.3f} at delta {t.delta:g} after {record.steps} steps -> {out}", file=sys.stderr)
+    _log(params, record, state, out)
+    return result
+
+
+def _training_rows(store: object, t: Train) -> tuple[np.ndarray, object]:
+    """The private train split, subsampled by patient to ``data_fraction`` (deterministic per seed)."""
+    rows, meta = store.split("train")
+    if t.data_fraction < 1:
+        keep = meta["patient_id"].map(lambda p: patient_unit_interval(str(p), 1000 + t.seed) < t.data_fraction)
+        rows, meta = rows[keep.to_numpy()], meta[keep].reset_index(drop=True)
+    if len(rows) == 0:
+        raise StageError("no training images left: raise train.data_fraction or check the prepare output")
+    return rows, meta
+
+
+def _self_check(model: nn.Module, dataset: torch.utils.data.Dataset, t: Train) -> None:
+    import models.per_sample  # noqa: F401  (registers the exact samplers before the check)
+
+    count = min(t.self_check_images, len(dataset))
+    x = torch.stack([dataset[i][0] for i in range(count)])
+    y = torch.stack([dataset[i][1] for i in range(count)])
+    error = max_relative_error(model, x, y)
+    if error > TOLERANCE:
+        raise StageError(f"per-sample gradients of convnext_{t.model} are not exact (relative error {error:.2e} > "
+                         f"{TOLERANCE:g} against a per-example loop): refusing to train, the epsilon would be false")
+    print(f"train: per-sample gradient self-check passed (max relative error {error:.1e})", file=sys.stderr)
+
+
+def _optimizer(model: nn.Module, t: Train) -> torch.optim.Optimizer:
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
+
+
+def _losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-example loss: binary cross-entropy summed over the labels."""
+    return nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="none").sum(dim=1)
+
+
+def _private_epoch(model: nn.Module, optimizer: object, loader: object, t: Train, ledger: StepLedger,
+                   mechanism: tuple[float, float], progress: tqdm) -> tuple[float, int]:
+    """One epoch of DP-SGD: Poisson logical batches in physical chunks; clipping and noise at each logical step."""
+    loss_sum, seen = 0.0, 0
+    with BatchMemoryManager(data_loader=loader, max_physical_batch_size=t.physical_batch,
+                            optimizer=optimizer) as batches:
+        for x, y in batches:
+            final = not _skips_next_step(optimizer)
+            if final:
+                ledger.record(*mechanism)   # before the step that releases noise about these examples
+            optimizer.zero_grad()
+            losses = _losses(model, x, y)
+            losses.mean().backward()
+            optimizer.step()                # accumulates, or clips + noises + updates at the logical batch's end
+            loss_sum, seen = loss_sum + float(losses.detach().sum()), seen + len(x)
+            if final:
+                progress.update(1)
+    return loss_sum, seen
+
+
+def _plain_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: object, t: Train, ledger: StepLedger,
+                 expected_batch: float, progress: tqdm) -> tuple[float, int]:
+    """One non-private epoch over the same Poisson logical batches, averaged over the expected batch size."""
+    loss_sum, seen = 0.0, 0
+    for x, y in loader:
+        ledger.record(0.0, float(loader.sample_rate))
+        optimizer.zero_grad()
+        for cx, cy in zip(torch.split(x, t.physical_batch), torch.split(y, t.physical_batch), strict=True):
+            losses = _losses(model, cx, cy)
+            (losses.sum() / expected_batch).backward()
+            loss_sum, seen = loss_sum + float(losses.detach().sum()), seen + len(cx)
+        optimizer.step()
+        progress.update(1)
+    return loss_sum, seen
+
+
+def _skips_next_step(optimizer: object) -> bool:
+    """Whether the coming ``optimizer.step()`` only accumulates (BatchMemoryManager's non-final chunks)."""
+    queue = optimizer._step_skip_queue
+    return bool(queue[0]) if queue else False
+
+
+def _fresh_state() -> dict[str, object]:
+    return {"epoch": 0, "step": 0, "epsilon": 0.0, "best_auroc": float("-inf"), "best_epoch": 0, "history": []}
+
+
+def _save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, accountant: object,
+                     state: dict[str, object]) -> None:
+    """Weights, optimizer, accountant history, RNG state and progress: safetensors + JSON, never pickle."""
+    partial = folder.with_name(f".{folder.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(partial / "model.safetensors"))
+    opt = optimizer.state_dict()
+    tensors = {f"{index}.{key}": value.contiguous() for index, entries in opt["state"].items()
+               for key, value in entries.items() if isinstance(value, torch.Tensor)}
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(partial / "optimizer.safetensors"))
+    meta = {**state, "param_groups": opt["param_groups"],
+            "accountant_history": [list(h) for h in accountant.history] if accountant is not None else []}
+    (partial / "state.json").write_text(json.dumps(meta, indent=2, default=float))
+    shutil.rmtree(folder, ignore_errors=True)
+    partial.rename(folder)
+
+
+def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, accountant: object, ledger: StepLedger,
+            sigma: float, q: float) -> dict[str, object]:
+    """Restores the last checkpoint and charges the accountant for steps run after it (from the ledger)."""
+    folder = out / CHECKPOINT
+    executed = ledger.steps()
+    if not folder.is_dir() and executed == 0:
+        raise StageError(f"nothing to resume in {out}: run without --resume")
+    state = _fresh_state()
+    if folder.is_dir():
+        meta = json.loads((folder / "state.json").read_text())
+        model.load_state_dict(load_file(str(folder / "model.safetensors")))
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            opt_state.setdefault(int(index), {})[name] = value
+        optimizer.load_state_dict({"state": opt_state, "param_groups": meta.pop("param_groups")})
+        history = [tuple(h) for h in meta.pop("accountant_history")]
+        state.update(meta)
+        if accountant is not None:
+            accountant.history = history
+    unaccounted = executed - state["step"]
+    if unaccounted > 0 and accountant is not None:
+        # Steps that ran after the last checkpoint touched the private data: they count, results or not.
+        accountant.history.append((sigma, q, unaccounted))
+        state["step"] = executed
+    print(f"train: resumed after epoch {state['epoch']} with {state['step']} steps accounted "
+          f"({max(unaccounted, 0)} from the ledger after the last checkpoint)", file=sys.stderr)
+    return state
+
+
+def _privacy_record(params: Params, t: Train, accountant: object, sigma: float, q: float, n: int,
+                    state: dict[str, object], init: dict[str, str]) -> PrivacyRecord:
+    history = [list(h) for h in accountant.history] if accountant is not None else []
+    if accountant is not None:
+        try:
+            epsilons = cross_check([tuple(h) for h in history], t.delta, t.accountant)
+        except RuntimeError as error:
+            raise StageError(f"privacy accounting cross-check failed: {error}") from error
+    else:
+        epsilons = {"reported": float("inf"), "pld": float("inf"), "rdp": float("inf")}
+    return PrivacyRecord(
+        epsilon=epsilons["reported"], delta=t.delta, accountant=t.accountant if accountant else "none",
+        noise_multiplier=sigma, sample_rate=q, steps=int(state["step"]), epochs=int(state["epoch"]),
+        max_grad_norm=t.max_grad_norm if accountant else float("inf"), unit=t.unit, n=n,
+        epsilon_pld=epsilons["pld"], epsilon_rdp=epsilons["rdp"], history=history,
+        opacus_version=opacus.__version__, torch_version=torch.__version__, secure_rng=False,
+        data_version=data_version(), prepare_digest=_prepare_digest(params), init=init)
+
+
+def _prepare_digest(params: Params) -> str:
+    """The DVC md5 of the prepare output (dvc.lock), else a hash of the private site's metadata table."""
+    try:
+        lock = yaml.safe_load(Path("dvc.lock").read_text())
+        outs = lock["stages"]["prepare"]["outs"]
+        return str(next(o["md5"] for o in outs if o["path"].endswith("prepare")))
+    except (OSError, KeyError, TypeError, StopIteration):
+        path = Path(params.base.artifacts) / "prepare" / params.private_site() / METADATA
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:32]
+
+
+def _log(params: Params, record: PrivacyRecord, state: dict[str, object], out: Path) -> None:
+    """Aggregates and privacy parameters only: no per-example data reaches MLflow."""
+    import mlflow
+
+    with stage_run(STAGE):
+        mlflow.set_tag("dp_cxr.cell", out.name)
+        mlflow.set_tags({"init_strategy": record.init.get("strategy", ""), "init_source": record.init.get("source", ""),
+                         "prepare_digest": record.prepare_digest, "privacy_unit": record.unit})
+        mlflow.log_params({f"train.{k}": v for k, v in asdict(params.train).items()})
+        mlflow.log_param("base.image_size", params.base.image_size)
+        for row in state["history"]:
+            mlflow.log_metrics({"train_loss": row["train_loss"], "val_mean_auroc": row["val_mean_auroc"],
+                                "epsilon": row["epsilon"] if math.isfinite(row["epsilon"]) else -1.0},
+                               step=row["epoch"])
+        mlflow.log_metrics({"final_epsilon": record.epsilon if math.isfinite(record.epsilon) else -1.0,
+                            "best_val_mean_auroc": state["best_auroc"], "best_epoch": state["best_epoch"],
+                            "noise_multiplier": record.noise_multiplier, "sample_rate": record.sample_rate,
+                            "steps": record.steps})
+        for name in ("privacy.json", "spec.json", "history.json"):
+            mlflow.log_artifact(str(out / name))
+
+
+GRID_KNOBS = ("init", "epsilon", "model", "data_fraction", "seed")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipelines.train [--resume] [--epsilon 3 --init domain ...] [-P train.lr=1e-3 ...]``.
+
+    The grid knobs have their own flags (an empty value keeps params.yaml's); any other key goes through -P.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    resume = "--resume" in args
+    if resume:
+        args.remove("--resume")
+    for knob in GRID_KNOBS:
+        flag = "--" + knob.replace("_", "-")
+        while flag in args:
+            at = args.index(flag)
+            value = args[at + 1] if at + 1 < len(args) else ""
+            del args[at:at + 2]
+            if value:
+                args += ["-P", f"train.{knob}={value}"]
+    run_stage(STAGE, lambda params: train(params, resume=resume), args)
+
+
+if __name__ == "__main__":
+    main()

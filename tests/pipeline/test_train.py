@@ -1,0 +1,168 @@
+"""The train stage on a small synthetic private site: learning, privacy record, patient unit, kill and resume."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from models.convnext import predict
+from models.initialization import initialize
+from models.weights import load_model
+from pipelines.config import load_params
+from pipelines.data.datasets import PatientDataset
+from pipelines.data.schema import LABELS
+from pipelines.data.store import open_site
+from pipelines.data.synthetic.cohort import SITES
+from pipelines.data.synthetic.generate import generate
+from pipelines.metrics import mean_auroc
+from pipelines.prepare import prepare
+from pipelines.train import cell_name, train
+
+REPO = Path(__file__).resolve().parents[2]
+PRIVATE = next(s for s in SITES if s.role == "private")
+FAST = ["base.image_size=64", "train.model=atto", "train.epochs=3", "train.logical_batch=64",
+        "train.physical_batch=32", "train.self_check_images=2"]
+
+
+@pytest.fixture(scope="module")
+def private_store(tmp_path_factory):
+    """The private site alone at a small scale, prepared at 64 px (shared by this module's tests)."""
+    root = tmp_path_factory.mktemp("train-data")
+    generate(root / "data", seed=11, scale=0.25, workers=2, sites=(PRIVATE,))
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["data"]["sites"] = {PRIVATE.name: raw["data"]["sites"][PRIVATE.name]}
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    cwd = Path.cwd()
+    try:
+        import os
+        os.chdir(root)
+        prepare(load_params(Path("params.yaml"), ["base.image_size=64"]))
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.fixture
+def workspace(private_store, tmp_path, monkeypatch):
+    shutil.copytree(private_store / "artifacts", tmp_path / "artifacts")
+    shutil.copy(private_store / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def params(*overrides):
+    return load_params(Path("params.yaml"), [*FAST, *overrides])
+
+
+def test_a_few_epochs_raise_val_auroc(workspace):
+    p = params("train.epsilon=inf", "train.epochs=4", "train.logical_batch=32")
+    store = open_site(Path("artifacts/prepare") / PRIVATE.name)
+    rows, meta = store.split("val")
+    labels = meta[list(LABELS)].to_numpy()
+    untrained = mean_auroc(labels, predict(initialize("scratch", "atto", p.train.seed).model, store.images[rows]))
+    result = train(p)
+    trained, _ = load_model(Path("artifacts/train") / cell_name(p.train))
+    assert result["val_mean_auroc"] == pytest.approx(mean_auroc(labels, predict(trained, store.images[rows])))
+    assert result["val_mean_auroc"] > untrained + 0.05
+
+
+def test_private_run_records_its_guarantee(workspace):
+    p = params("train.epsilon=8", "train.epochs=2")
+    train(p)
+    out = Path("artifacts/train") / cell_name(p.train)
+    record = json.loads((out / "privacy.json").read_text())
+    n = int((open_site(Path("artifacts/prepare") / PRIVATE.name).metadata["split"] == "train").sum())
+    assert record["n"] == n and record["unit"] == "image" and record["accountant"] == "prv"
+    assert 7.5 < record["epsilon"] <= 8.0 + 0.02          # calibrated to the target over the planned steps
+    assert record["epsilon_pld"] - 1e-3 <= record["epsilon"] <= record["epsilon_rdp"]
+    assert record["steps"] == sum(1 for _ in (out / "ledger.jsonl").open()) == sum(h[2] for h in record["history"])
+    assert record["noise_multiplier"] > 0 and record["sample_rate"] == pytest.approx(1 / math.ceil(n / 64))
+    assert record["init"]["strategy"] == "scratch" and record["torch_version"] == torch.__version__
+    assert {"data_version", "prepare_digest", "opacus_version", "max_grad_norm", "delta"} <= set(record)
+    assert (out / "model.safetensors").is_file() and (out / "spec.json").is_file()
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.pkl"))
+
+    import mlflow
+    run = mlflow.search_runs(experiment_names=["dp-cxr"], filter_string="tags.`dp_cxr.cell` = "
+                             f"'{cell_name(p.train)}'", output_format="list")[0]
+    client = mlflow.MlflowClient()
+    assert [m.value for m in client.get_metric_history(run.info.run_id, "epsilon")][-1] == pytest.approx(
+        record["epsilon"], rel=1e-3)
+    assert len(client.get_metric_history(run.info.run_id, "val_mean_auroc")) == 2
+    assert run.data.params["train.epsilon"] == "8.0"
+
+
+def test_delta_must_be_below_one_over_n(workspace):
+    from pipelines.stage import StageError
+    with pytest.raises(StageError, match=r"train.delta=0.01 is not below 1/N"):
+        train(params("train.delta=0.01"))
+
+
+def test_patient_unit_samples_patients_and_accounts_with_their_number(workspace):
+    store = open_site(Path("artifacts/prepare") / PRIVATE.name)
+    rows, meta = store.split("train")
+    dataset = PatientDataset(store.images, rows, meta[list(LABELS)].to_numpy(np.float32),
+                             meta["patient_id"].to_numpy())
+    patients = meta["patient_id"].nunique()
+    assert len(dataset) == patients < len(rows)          # follow-ups: fewer patients than images
+    # Every item of a patient comes from that patient's images.
+    images = np.asarray(store.images[rows])
+    for index in range(0, len(dataset), 7):
+        member_images = images[dataset.members[index]]
+        image, _ = dataset[index]
+        pixels = np.round((image[0].numpy() * 0.5 + 0.5) * 255).astype(np.uint8)
+        assert any(np.array_equal(pixels, m) for m in member_images)
+        assert len(set(meta["patient_id"].iloc[dataset.members[index]])) == 1
+    p = params("train.unit=patient", "train.epochs=1")
+    train(p)
+    record = json.loads((Path("artifacts/train") / cell_name(p.train) / "privacy.json").read_text())
+    assert record["unit"] == "patient" and record["n"] == patients
+
+
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+import models.privacy as privacy
+from pipelines.config import load_params
+from pipelines.train import train
+
+calls = {"n": 0}
+record = privacy.StepLedger.record
+def record_then_die(self, *args):
+    if calls["n"] == int(sys.argv[1]):
+        os.kill(os.getpid(), signal.SIGKILL)     # a hard kill, mid-epoch, between two steps
+    calls["n"] += 1
+    record(self, *args)
+privacy.StepLedger.record = record_then_die
+train(load_params(Path("params.yaml"), sys.argv[2:]))
+"""
+
+
+def test_killed_run_resumes_and_counts_every_executed_step(workspace):
+    overrides = [*FAST, "train.epsilon=4", "train.epochs=3"]
+    uninterrupted = train(load_params(Path("params.yaml"), overrides))
+    steps_per_epoch = uninterrupted["steps"] // 3
+    out = Path("artifacts/train") / uninterrupted["cell"]
+    shutil.rmtree(out)
+    kill_at = steps_per_epoch + steps_per_epoch // 2 + 1          # in the middle of epoch 2
+    killed = subprocess.run([sys.executable, "-c", KILLER, str(kill_at), *overrides], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert sum(1 for _ in (out / "ledger.jsonl").open()) == kill_at
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["epoch"] == 1
+
+    resumed = subprocess.run([sys.executable, "-m", "pipelines.train", "--resume",
+                              *[a for o in overrides for a in ("-P", o)]], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    record = json.loads((out / "privacy.json").read_text())
+    executed = sum(1 for _ in (out / "ledger.jsonl").open())
+    assert executed == kill_at + 2 * steps_per_epoch               # epochs 2 and 3 ran in full after the resume
+    assert record["steps"] == executed == sum(h[2] for h in record["history"])
+    assert record["epsilon"] >= uninterrupted["epsilon"]
+    assert record["epochs"] == 3

@@ -1,0 +1,84 @@
+"""Model factory, weights on disk (safetensors + spec, no pickle) and initialization strategies."""
+
+import json
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+from models.convnext import SIZES, create_model
+from models.initialization import MissingWeightsError, initialize
+from models.weights import ModelSpec, load_model, save_model
+
+
+def test_factory_gives_five_label_grayscale_models_without_layer_scale():
+    model = create_model("atto")
+    assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 5)
+    assert all(getattr(m, "gamma", None) is None for m in model.modules())
+    with pytest.raises(ValueError, match="unknown ConvNeXt size 'huge'"):
+        create_model("huge")
+    assert SIZES == ("atto", "femto", "pico", "nano", "tiny", "small", "base")
+
+
+def test_weights_round_trip_without_pickle(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("atto")
+    spec = ModelSpec(size="atto", image_size=64, init={"strategy": "scratch"})
+    save_model(model, spec, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "spec.json"]
+    loaded, loaded_spec = load_model(tmp_path)
+    assert loaded_spec == spec and json.loads((tmp_path / "spec.json").read_text())["architecture"] == "convnext_atto"
+    x = torch.randn(3, 1, 64, 64)
+    torch.testing.assert_close(loaded.eval()(x), model.eval()(x), rtol=0, atol=0)
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        load_model(tmp_path)
+
+
+def fake_hub_cache(root, repo, state_dict):
+    """A Hugging Face cache laid out as `hf download` leaves it, holding a timm-format weights file."""
+    folder = root / f"models--{repo.replace('/', '--')}"
+    snapshot = folder / "snapshots" / "0123456789abcdef"
+    snapshot.mkdir(parents=True)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text("0123456789abcdef")
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(snapshot / "model.safetensors"))
+
+
+def test_imagenet_weights_load_offline_from_the_hub_cache(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    rgb = timm.create_model("convnext_atto", num_classes=1000)       # the layout of timm's released file
+    fake_hub_cache(tmp_path, "timm/convnext_atto.d2_in1k", rgb.state_dict())
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    loaded = initialize("imagenet", "atto", seed=0)
+    assert loaded.provenance["source"] == "convnext_atto.d2_in1k"
+    model = loaded.model
+    # The RGB stem is summed to one channel (= a gray image replicated to RGB); the 1000-class head is replaced.
+    torch.testing.assert_close(model.stem[0].weight, rgb.stem[0].weight.sum(dim=1, keepdim=True))
+    assert model.head.fc.weight.shape == (5, rgb.head.fc.weight.shape[1])
+    block = rgb.stages[0].blocks[0]
+    torch.testing.assert_close(model.stages[0].blocks[0].mlp.fc2.bias, block.mlp.fc2.bias * block.gamma)
+
+
+def test_missing_pretrained_weights_name_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    with pytest.raises(MissingWeightsError, match=r"model.safetensors of timm/convnext_tiny.dinov3_lvd1689m .*hf download"):
+        initialize("dinov3", "tiny", seed=0)
+    with pytest.raises(ValueError, match="no dinov3 weights exist for convnext_atto"):
+        initialize("dinov3", "atto", seed=0)
+    with pytest.raises(ValueError, match="unknown initialization 'random'"):
+        initialize("random", "atto", seed=0)
+
+
+def test_checkpoint_init_from_a_saved_model(tmp_path):
+    torch.manual_seed(2)
+    model = create_model("femto")
+    save_model(model, ModelSpec(size="femto", image_size=64), tmp_path / "m")
+    loaded = initialize(f"checkpoint:{tmp_path / 'm'}", "femto", seed=0).model
+    torch.testing.assert_close(loaded.state_dict()["head.fc.weight"], model.state_dict()["head.fc.weight"])
+    with pytest.raises(ValueError, match="is convnext_femto, not convnext_atto"):
+        initialize(f"checkpoint:{tmp_path / 'm'}", "atto", seed=0)
+    with pytest.raises(MissingWeightsError, match="not found"):
+        initialize(f"checkpoint:{tmp_path / 'nothing'}", "atto", seed=0)
