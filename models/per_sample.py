@@ -35,15 +35,30 @@ def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backpr
                        ) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients of a Conv2d from its (made contiguous) input and output gradient."""
     x = activations[0].contiguous()
+    pointwise = (layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding in ((0, 0), "valid")
+                 and layer.groups == 1)
     depthwise = layer.groups == layer.in_channels == layer.out_channels and layer.groups > 1
-    if not depthwise or layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-        return compute_conv_grad_sample(layer, [x], backprops)
+    if depthwise and (layer.padding_mode != "zeros" or isinstance(layer.padding, str)):
+        depthwise = False
+    if not (pointwise or depthwise):
+        return _fresh(compute_conv_grad_sample(layer, [x], backprops))
     out: dict[nn.Parameter, torch.Tensor] = {}
     if layer.weight.requires_grad:
-        out[layer.weight] = _depthwise_weight_grad(layer, x, backprops.contiguous())
+        if pointwise:   # a 1x1 convolution is a linear map at every position: one batched matmul
+            grad = torch.einsum("nohw,nihw->noi", backprops, x)
+            out[layer.weight] = grad.view(*grad.shape, 1, 1)
+        else:
+            out[layer.weight] = _depthwise_weight_grad(layer, x, backprops.contiguous())
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = backprops.sum(dim=(2, 3))
-    return out
+    return _fresh(out)
+
+
+def _fresh(grads: dict[nn.Parameter, torch.Tensor]) -> dict[nn.Parameter, torch.Tensor]:
+    """Marks per-sample gradients computed here (never views of autograd's buffers) as safe to adopt."""
+    for tensor in grads.values():
+        tensor._dp_cxr_fresh = True
+    return grads
 
 
 def _depthwise_weight_grad(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -71,7 +86,7 @@ def layer_norm_2d_grad_sample(layer: LayerNorm2d, activations: list[torch.Tensor
         out[layer.weight] = torch.einsum("nhwc,nhwc->nc", normalized, g)
     if layer.bias.requires_grad:
         out[layer.bias] = g.sum(dim=(1, 2))
-    return out
+    return _fresh(out)
 
 
 # timm's channels-last LayerNorm is an nn.LayerNorm subclass; Opacus matches samplers by exact type.
@@ -81,8 +96,12 @@ _create_or_accumulate = grad_sample_module.create_or_accumulate_grad_sample
 
 
 def _adopt_or_accumulate(*, param: torch.Tensor, grad_sample: torch.Tensor, max_batch_len: int) -> None:
-    """Opacus' ``create_or_accumulate_grad_sample``, adopting a full-batch fresh tensor instead of copying it."""
-    fresh = grad_sample._base is None and grad_sample.shape[0] == max_batch_len
+    """Opacus' ``create_or_accumulate_grad_sample``, adopting a full-batch fresh tensor instead of copying it.
+
+    Only tensors our samplers made (``_fresh``) are adopted: Opacus' own samplers may return views of the
+    backward pass's buffers, which must be copied as Opacus does.
+    """
+    fresh = getattr(grad_sample, "_dp_cxr_fresh", False) and grad_sample.shape[0] == max_batch_len
     if param.requires_grad and fresh and not hasattr(param, "_current_grad_sample"):
         param._current_grad_sample = grad_sample
     else:
