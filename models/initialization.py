@@ -69,6 +69,10 @@ def initialize(init: str, size: str, seed: int) -> Initialized:
         name = f"{architecture(size)}.{tag}"
         path = hub_weights_file(name)
         return Initialized(_from_timm_file(name, path), {"strategy": init, "source": name, "file": str(path)})
+    if init == "domain":
+        raise ValueError("the domain initialization resolves the pretraining stage's model from the MLflow "
+                         "registry, and this version has no pretraining stage yet: use checkpoint:<model folder> "
+                         "with a model pretrained on the public source")
     if init.startswith("checkpoint:"):
         path = Path(init.removeprefix("checkpoint:"))
         return Initialized(load_checkpoint(path, size), {"strategy": "checkpoint", "source": str(path)})

@@ -78,14 +78,3 @@ def _atomic(path: Path, write: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     write(tmp)
     os.replace(tmp, path)
-
-
-def state_dict_digest(model: nn.Module) -> str:
-    """A short digest of the weights, to tell models apart in logs."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]

@@ -21,6 +21,7 @@ import json
 import math
 import shutil
 import sys
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -48,6 +49,8 @@ from pipelines.stage import StageError, run_stage
 from pipelines.tracking import data_version, stage_run
 
 STAGE = "train"
+# Opacus' hooks on the first layer (whose input needs no gradient) trigger this torch warning every step.
+warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 CHECKPOINT = "checkpoint"
 
 
@@ -317,8 +320,7 @@ def _log(params: Params, record: PrivacyRecord, state: dict[str, object], out: P
         mlflow.set_tag("dp_cxr.cell", out.name)
         mlflow.set_tags({"init_strategy": record.init.get("strategy", ""), "init_source": record.init.get("source", ""),
                          "prepare_digest": record.prepare_digest, "privacy_unit": record.unit})
-        mlflow.log_params({f"train.{k}": v for k, v in asdict(params.train).items()})
-        mlflow.log_param("base.image_size", params.base.image_size)
+        mlflow.log_params(_flatten(asdict(params)))
         for row in state["history"]:
             mlflow.log_metrics({"train_loss": row["train_loss"], "val_mean_auroc": row["val_mean_auroc"],
                                 "epsilon": row["epsilon"] if math.isfinite(row["epsilon"]) else -1.0},
@@ -332,6 +334,17 @@ def _log(params: Params, record: PrivacyRecord, state: dict[str, object], out: P
 
 
 GRID_KNOBS = ("init", "epsilon", "model", "data_fraction", "seed")
+
+
+def _flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
+    """The resolved configuration as MLflow params: ``{"train.epsilon": 8.0, "data.sites.x.format": ...}``."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def main(argv: list[str] | None = None) -> None:

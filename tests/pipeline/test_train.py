@@ -120,6 +120,14 @@ def test_patient_unit_samples_patients_and_accounts_with_their_number(workspace)
         pixels = np.round((image[0].numpy() * 0.5 + 0.5) * 255).astype(np.uint8)
         assert any(np.array_equal(pixels, m) for m in member_images)
         assert len(set(meta["patient_id"].iloc[dataset.members[index]])) == 1
+    # Poisson sampling over patients: a step holds each sampled patient once.
+    from opacus.data_loader import DPDataLoader
+    from torch.utils.data import DataLoader
+    sampler = DPDataLoader.from_data_loader(DataLoader(dataset, batch_size=64)).batch_sampler
+    for _, step in zip(range(50), sampler, strict=False):
+        assert len(step) == len(set(step))
+        step_patients = [meta["patient_id"].iloc[dataset.members[i][0]] for i in step]
+        assert len(step_patients) == len(set(step_patients))
     p = params("train.unit=patient", "train.epochs=1")
     train(p)
     record = json.loads((Path("artifacts/train") / cell_name(p.train) / "privacy.json").read_text())
