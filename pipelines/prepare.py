@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing
-import shutil
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +23,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from models.preprocessing import ImageDecodeError, load_image
+from pipelines.atomic import atomic_folder
 from pipelines.config import Params, Site
 from pipelines.data.adapters import read_manifest
 from pipelines.data.schema import FRONTAL_VIEWS, apply_label_policy
@@ -49,12 +49,9 @@ def prepare(params: Params) -> dict[str, object]:
 
     """
     out = Path(params.base.artifacts) / STAGE
-    partial = out.with_name(f".{STAGE}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
     started = time.perf_counter()
     report: dict[str, object] = {"image_size": params.base.image_size, "sites": {}}
-    try:
+    with atomic_folder(out) as partial:
         # Read every site's metadata before decoding any image, so a wrong path or file fails at once.
         manifests = {name: _harmonise(name, site, params) for name, site in params.data.sites.items()}
         with _workers(params.prepare.workers) as pool:
@@ -68,11 +65,6 @@ def prepare(params: Params) -> dict[str, object]:
         # The stored report is a deterministic DVC output: timings go to the terminal and MLflow only.
         (partial / "report.json").write_text(json.dumps(report, indent=2))
         report["seconds"], report["images_per_second"] = round(elapsed, 2), round(total / elapsed, 1)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
     print(f"prepare: {report['images']} images in {report['seconds']} s ({report['images_per_second']} images/s) "
           f"-> {out}", file=sys.stderr)
     _log(params, report)

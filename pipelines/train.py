@@ -39,6 +39,7 @@ from models.initialization import initialize
 from models.per_sample import TOLERANCE, max_relative_error
 from models.privacy import PrivacyRecord, StepLedger, cross_check, make_private
 from models.weights import ModelSpec, save_model
+from pipelines.atomic import atomic_folder
 from pipelines.config import Params, Train
 from pipelines.data.datasets import ImageDataset, PatientDataset
 from pipelines.data.schema import LABELS
@@ -234,20 +235,17 @@ def _fresh_state() -> dict[str, object]:
 def _save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, accountant: object,
                      state: dict[str, object]) -> None:
     """Weights, optimizer, accountant history, RNG state and progress: safetensors + JSON, never pickle."""
-    partial = folder.with_name(f".{folder.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(partial / "model.safetensors"))
     opt = optimizer.state_dict()
     tensors = {f"{index}.{key}": value.contiguous() for index, entries in opt["state"].items()
                for key, value in entries.items() if isinstance(value, torch.Tensor)}
     tensors["rng.torch"] = torch.get_rng_state()
-    save_file(tensors, str(partial / "optimizer.safetensors"))
     meta = {**state, "param_groups": opt["param_groups"],
             "accountant_history": [list(h) for h in accountant.history] if accountant is not None else []}
-    (partial / "state.json").write_text(json.dumps(meta, indent=2, default=float))
-    shutil.rmtree(folder, ignore_errors=True)
-    partial.rename(folder)
+    with atomic_folder(folder) as partial:
+        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+                  str(partial / "model.safetensors"))
+        save_file(tensors, str(partial / "optimizer.safetensors"))
+        (partial / "state.json").write_text(json.dumps(meta, indent=2, default=float))
 
 
 def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, accountant: object, ledger: StepLedger,

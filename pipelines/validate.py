@@ -11,7 +11,6 @@ GX is asked for no unexpected values, so no patient identifier or demographic va
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipelines.atomic import atomic_folder
 from pipelines.config import Params
 from pipelines.data.schema import AGE_BIN_NAMES, AGE_BINS, LABELS, age_bin
 from pipelines.data.store import ID_COLUMNS, METADATA
@@ -64,18 +64,10 @@ def validate(params: Params) -> dict[str, object]:
     public_hashes = set().union(*[set(frames[n]["content_hash"].dropna()) for n, s in params.data.sites.items()
                                   if s.role == "public" and "content_hash" in frames[n]])
     out = Path(params.base.artifacts) / STAGE
-    partial = out.with_name(f".{STAGE}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
+    with atomic_folder(out) as partial:
         summary, gx_results = _run_suites(params, frames, public_hashes, partial / "data_docs")
         (partial / "summary.json").write_text(json.dumps(summary, indent=2))
         (partial / "results.json").write_text(json.dumps(gx_results, indent=2, default=str))
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    partial.rename(out)
     _print_table(summary)
     _log(summary, out)
     if not summary["success"]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import io
 import multiprocessing
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from tqdm import tqdm
 
+from pipelines.atomic import atomic_folder
 from pipelines.data.synthetic.cohort import FINDINGS, SITES, SiteSpec, sample_cohort
 from pipelines.data.synthetic.native import WRITERS, ImageFile
 from pipelines.data.synthetic.render import Acquisition, Subject, findings_for, render
@@ -66,9 +66,21 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2,
         The number of images written.
 
     """
-    partial = out.with_name(f".{out.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    with atomic_folder(out) as partial:
+        tasks = _write_metadata(partial, seed, scale, sites)
+        started = time.perf_counter()
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for _ in tqdm(pool.imap_unordered(_render_one, tasks, chunksize=16), total=len(tasks),
+                          desc="render", unit="img", file=sys.stderr, mininterval=1.0):
+                pass
+        elapsed = time.perf_counter() - started
+    print(f"generated {len(tasks)} synthetic images in {elapsed:.1f} s ({len(tasks) / elapsed:.0f} images/s)",
+          file=sys.stderr)
+    return len(tasks)
+
+
+def _write_metadata(partial: Path, seed: int, scale: float, sites: tuple[SiteSpec, ...]) -> list[RenderTask]:
+    """Samples every site's cohort, writes its native metadata files and lists the images to render."""
     tasks: list[RenderTask] = []
     for site_index, spec in enumerate(sites):
         rng = np.random.default_rng([seed, site_index])
@@ -81,18 +93,7 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2,
                                     (seed, site_index, index), (seed, site_index, index, 1), labels))
     (partial / "README.md").write_text(README.format(
         seed=seed, scale=scale, sites="\n".join(f"- `{s.name}`: {s.role} site, {s.format} layout" for s in sites)))
-    started = time.perf_counter()
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        for _ in tqdm(pool.imap_unordered(_render_one, tasks, chunksize=16), total=len(tasks),
-                      desc="render", unit="img", file=sys.stderr, mininterval=1.0):
-            pass
-    elapsed = time.perf_counter() - started
-    print(f"generated {len(tasks)} synthetic images in {elapsed:.1f} s ({len(tasks) / elapsed:.0f} images/s)",
-          file=sys.stderr)
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
-    return len(tasks)
+    return tasks
 
 
 def _render_one(task: RenderTask) -> None:
