@@ -34,7 +34,6 @@ def decode_file(path: Path) -> np.ndarray:
 
     Raises:
         ImageDecodeError: the file cannot be decoded; the message says why.
-
     """
     try:
         data = Path(path).read_bytes()
@@ -52,7 +51,6 @@ def decode_bytes(data: bytes, is_dicom: bool | None = None) -> np.ndarray:
 
     Raises:
         ImageDecodeError: the bytes cannot be decoded; the message says why.
-
     """
     if is_dicom is None:
         is_dicom = data[128:132] == b"DICM"
@@ -110,7 +108,6 @@ def equalize_histogram(image: np.ndarray) -> np.ndarray:
 
     Returns:
         The equalised uint8 array (a constant image stays as it is).
-
     """
     histogram = np.bincount(image.ravel(), minlength=256)
     cdf = np.cumsum(histogram)
@@ -130,7 +127,6 @@ def preprocess(gray: np.ndarray, size: int) -> np.ndarray:
 
     Returns:
         A ``(size, size)`` uint8 array.
-
     """
     low, high = float(gray.min()), float(gray.max())
     scaled = (gray - low) / (high - low) if high > low else np.zeros_like(gray)
@@ -144,6 +140,5 @@ def load_image(path: Path, size: int) -> np.ndarray:
 
     Raises:
         ImageDecodeError: the file cannot be decoded.
-
     """
     return preprocess(decode_file(path), size)

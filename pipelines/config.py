@@ -32,7 +32,6 @@ class Base:
         seed: the seed of everything random that is not the synthetic data.
         image_size: side of the square training images in pixels.
         artifacts: folder of stage outputs.
-
     """
 
     seed: int
@@ -47,7 +46,6 @@ class Synthetic:
     Attributes:
         seed: the generator's seed.
         scale: multiplies each site's number of patients.
-
     """
 
     seed: int
@@ -65,7 +63,6 @@ class Site:
             (evaluation only).
         path: the data set's root folder, relative to the repository or absolute.
         options: adapter options (e.g. ``aggregation: any`` for VinDr-CXR).
-
     """
 
     format: str
@@ -84,7 +81,6 @@ class Data:
         not_mentioned: what a blank label becomes.
         frontal_only: keep only PA and AP images.
         sites: the data sets by site name.
-
     """
 
     synthetic: Synthetic
@@ -103,7 +99,6 @@ class Prepare:
         test_fraction: share of the private site's patients in the test split.
         max_bad_fraction: the stage fails when a site has more unreadable images than this share.
         workers: decoding processes.
-
     """
 
     val_fraction: float
@@ -204,7 +199,6 @@ def load_params(path: Path = PARAMS_FILE, overrides: list[str] | tuple[str, ...]
 
     Raises:
         ConfigError: the one-line reason, naming the key.
-
     """
     try:
         raw = yaml.safe_load(Path(path).read_text())

@@ -46,7 +46,6 @@ def prepare(params: Params) -> dict[str, object]:
 
     Raises:
         StageError: a site has more unreadable images than ``prepare.max_bad_fraction``.
-
     """
     out = Path(params.base.artifacts) / STAGE
     started = time.perf_counter()

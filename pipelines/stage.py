@@ -22,7 +22,6 @@ def run_stage(name: str, work: Callable[[Params], object], argv: list[str] | Non
         name: the stage name, as in dvc.yaml and MLproject.
         work: the stage function.
         argv: the arguments (default ``sys.argv[1:]``).
-
     """
     parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}", description=f"DP-CXR stage '{name}'.")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="the params.yaml to read")

@@ -49,7 +49,6 @@ def stage_run(stage: str) -> Iterator[object]:
 
     Yields:
         The active ``mlflow.ActiveRun``.
-
     """
     import mlflow  # slow to import; only stages that log pay for it
 

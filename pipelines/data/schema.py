@@ -101,7 +101,6 @@ def finalize_manifest(frame: pd.DataFrame) -> pd.DataFrame:
 
     Raises:
         ValueError: a required column is missing.
-
     """
     missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
     if missing:
@@ -127,7 +126,6 @@ def apply_label_policy(frame: pd.DataFrame, uncertain: str, not_mentioned: str) 
 
     Returns:
         A copy whose label columns hold only 0 and 1 (as int8).
-
     """
     value = {"negative": 0.0, "positive": 1.0}
     out = frame.copy()

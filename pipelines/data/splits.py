@@ -28,7 +28,6 @@ def patient_splits(patient_ids: pd.Series, val_fraction: float, test_fraction: f
 
     Returns:
         The split of each image, aligned with ``patient_ids``.
-
     """
     def split_of(patient_id: str) -> str:
         u = patient_unit_interval(patient_id, seed)

@@ -27,7 +27,6 @@ class SiteStore:
     Attributes:
         images: memory-mapped uint8 array (N, S, S).
         metadata: one row per image, in the array's order.
-
     """
 
     images: np.ndarray
@@ -45,7 +44,6 @@ def open_site(folder: Path) -> SiteStore:
     Raises:
         FileNotFoundError: the folder lacks the store; run the prepare stage first.
         ValueError: the array and the table disagree.
-
     """
     images_path, metadata_path = folder / IMAGES, folder / METADATA
     if not images_path.is_file() or not metadata_path.is_file():

@@ -31,7 +31,6 @@ def read_manifest(format_name: str, root: Path, site: str, **options: object) ->
     Raises:
         ValueError: unknown format.
         FileNotFoundError: the root folder does not exist.
-
     """
     if format_name not in FORMATS:
         raise ValueError(f"unknown data set format {format_name!r}; use one of {sorted(FORMATS)}")

@@ -12,7 +12,6 @@ def find_file(root: Path, *names: str) -> Path:
 
     Raises:
         FileNotFoundError: none exists; the message names what was looked for and where.
-
     """
     for name in names:
         for candidate in (root / name, root / f"{name}.gz"):
@@ -29,7 +28,6 @@ def read_csv(path: Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
 
     Raises:
         ValueError: a required column is missing.
-
     """
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], compression="infer")
     missing = [c for c in required if c not in frame.columns]

@@ -28,7 +28,6 @@ def read(root: Path, site: str) -> pd.DataFrame:
     Args:
         root: folder with the Data_Entry CSV, the optional split lists and the image folders.
         site: the configured site name.
-
     """
     raw = read_csv(find_file(root, "Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv"),
                    ("Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position"))

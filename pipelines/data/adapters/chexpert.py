@@ -32,7 +32,6 @@ def read(root: Path, site: str) -> pd.DataFrame:
 
     Raises:
         FileNotFoundError: neither train.csv nor valid.csv is there.
-
     """
     parts = []
     for name, split in FILES.items():

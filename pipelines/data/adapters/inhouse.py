@@ -24,7 +24,6 @@ def read(root: Path, site: str) -> pd.DataFrame:
 
     Raises:
         ValueError: a column is missing or a view or label value is not allowed.
-
     """
     raw = read_csv(find_file(root, "masterlist.csv"), REQUIRED)
     bad_views = sorted(set(raw["view"].str.upper()) - VIEWS)

@@ -32,7 +32,6 @@ def read(root: Path, site: str, patients_csv: Path | None = None) -> pd.DataFram
         root: the version folder (``.../mimic-cxr-jpg/2.0.0``) holding ``files/`` and the CSVs.
         site: the configured site name.
         patients_csv: MIMIC-IV ``patients.csv``; by default ``patients.csv`` in ``root`` or ``root/hosp``.
-
     """
     meta = read_csv(find_file(root, "mimic-cxr-2.0.0-metadata.csv"),
                     ("dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"))

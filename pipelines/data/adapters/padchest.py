@@ -36,7 +36,6 @@ def read(root: Path, site: str) -> pd.DataFrame:
     Args:
         root: folder with the labels CSV and the numbered image folders (or all PNGs flat).
         site: the configured site name.
-
     """
     raw = read_csv(find_file(root, CSV_NAME),
                    ("ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientBirth",
@@ -63,7 +62,6 @@ def parse_items(cell: str) -> frozenset[str] | None:
 
     Raises:
         ValueError: the cell is not a list literal.
-
     """
     if is_missing(cell):
         return None

@@ -32,7 +32,6 @@ def read(root: Path, site: str, aggregation: str = "majority") -> pd.DataFrame:
     Raises:
         ValueError: unknown aggregation.
         FileNotFoundError: no label file.
-
     """
     if aggregation not in AGGREGATIONS:
         raise ValueError(f"VinDr aggregation {aggregation!r} is not one of {AGGREGATIONS}")

@@ -36,7 +36,6 @@ class SiteSpec:
         ap_fraction: share of frontal images taken AP (portable, sicker patients).
         lateral_fraction: share of studies that also have a lateral image.
         acquisition: the scanners' signature.
-
     """
 
     name: str
@@ -80,7 +79,6 @@ def sample_cohort(spec: SiteSpec, scale: float, rng: np.random.Generator) -> pd.
     Returns:
         One row per image: ``patient``, ``study``, ``study_in_patient``, ``sex``, ``age``, ``view``, the true
         findings as ``true_<label>`` and the published (noisy) labels as ``<label>``, all 0/1.
-
     """
     rows = []
     study = 0

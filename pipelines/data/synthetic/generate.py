@@ -64,7 +64,6 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2,
 
     Returns:
         The number of images written.
-
     """
     with atomic_folder(out) as partial:
         tasks = _write_metadata(partial, seed, scale, sites)
@@ -111,7 +110,6 @@ def write_image(path: Path, pixels: np.ndarray, file: ImageFile) -> None:
         path: destination.
         pixels: float image in [0, 1].
         file: the encoding and, for DICOM, the header fields.
-
     """
     if file.encoding in ("jpeg", "png8"):
         image = Image.fromarray(np.round(pixels * 255).astype(np.uint8), mode="L")

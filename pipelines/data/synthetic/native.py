@@ -28,7 +28,6 @@ class ImageFile:
         path: relative to the site folder.
         encoding: ``jpeg``, ``png8``, ``png16`` or ``dicom``.
         dicom: DICOM header fields (only for ``dicom``).
-
     """
 
     path: str

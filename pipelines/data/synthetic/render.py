@@ -28,7 +28,6 @@ class Acquisition:
         blur: Gaussian blur in pixels.
         marker: burned-in side marker: ``L``, ``R`` or empty.
         brightness: offset added before the contrast curve.
-
     """
 
     size: tuple[int, int]
@@ -60,7 +59,6 @@ def render(subject: Subject, acquisition: Acquisition, rng: np.random.Generator)
 
     Returns:
         A float64 array of shape ``acquisition.size`` with values in [0, 1].
-
     """
     height, width = acquisition.size
     # Patient positioning varies a little from image to image.
