@@ -30,7 +30,7 @@ import json, sys, threading, time, psutil, torch
 from torch.utils.data import Dataset
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from models.convnext import create_model
-from models.privacy import make_private
+from models.privacy import ends_logical_step, make_private
 
 class Synthetic(Dataset):            # images made on demand, so the data set itself takes no memory
     def __len__(self): return 8192
@@ -54,7 +54,7 @@ sampler = threading.Thread(target=sample, daemon=True)
 sampler.start()
 with BatchMemoryManager(data_loader=dp.loader, max_physical_batch_size=64, optimizer=dp.optimizer) as batches:
     for x, y in batches:
-        last = not dp.optimizer._step_skip_queue or not dp.optimizer._step_skip_queue[0]
+        last = ends_logical_step(dp.optimizer)
         dp.optimizer.zero_grad()
         torch.nn.functional.binary_cross_entropy_with_logits(dp.model(x), y, reduction="none").sum(1).mean().backward()
         dp.optimizer.step()
@@ -72,7 +72,7 @@ def step_ratio(size: int, rounds: int, batch: int = 32) -> tuple[float, float, f
     from opacus import GradSampleModule
 
     from models.convnext import create_model
-    from models.privacy import BoundedClipDPOptimizer
+    from models.privacy import BoundedClipDPOptimizer  # importing it registers the exact samplers
 
     torch.manual_seed(0)
     x, y = torch.randn(batch, 1, size, size), (torch.rand(batch, 5) > 0.5).float()
@@ -114,8 +114,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--skip-memory", action="store_true")
     args = parser.parse_args()
-    import models.per_sample  # noqa: F401  (the exact samplers the DP step uses)
-
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for size in (64, 128, 224):
         ratio, plain_ips, private_ips = step_ratio(size, args.rounds)

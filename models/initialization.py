@@ -19,6 +19,7 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -127,7 +128,8 @@ def load_checkpoint(path: Path, size: str) -> nn.Module:
 
 def _is_imagenet_layout(path: Path) -> bool:
     """Whether a timm file still has the RGB stem or another head than ours (so timm must adapt it)."""
-    tensors = load_file(str(path))
-    stem = tensors.get("stem.0.weight")
-    head = tensors.get("head.fc.weight")
-    return (stem is not None and stem.shape[1] != 1) or head is None or head.shape[0] != len(LABELS)
+    with safe_open(str(path), framework="pt") as handle:
+        shapes = {name: handle.get_slice(name).get_shape() for name in ("stem.0.weight", "head.fc.weight")
+                  if name in handle.keys()}
+    stem, head = shapes.get("stem.0.weight"), shapes.get("head.fc.weight")
+    return (stem is not None and stem[1] != 1) or head is None or head[0] != len(LABELS)

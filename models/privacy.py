@@ -28,6 +28,8 @@ from opacus.optimizers.optimizer import _mark_as_processed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+import models.per_sample  # noqa: F401  (registers the exact per-sample gradient samplers Opacus must use)
+
 # Opacus' PRV accountant errs upwards by its eps_error (0.01); RDP order grids differ between the two libraries
 # (dp_accounting drops fractional orders it cannot evaluate at large q). Measured gaps
 # (reference/dp-performance.md): PRV 0.1-1.2% above PLD; RDP within 1.4e-4 relative at moderate epsilon and a
@@ -87,8 +89,6 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Da
     Raises:
         PrivacyCheckError: the loader Opacus returns does not sample by Poisson.
     """
-    import models.per_sample  # noqa: F401  (registers the exact per-sample gradient samplers)
-
     engine = PrivacyEngine(accountant=accountant, secure_mode=False)
     loader = DataLoader(dataset, batch_size=min(logical_batch, len(dataset)))
     private_model, private_optimizer, private_loader = engine.make_private_with_epsilon(
@@ -101,6 +101,16 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Da
         raise PrivacyCheckError(f"the training loader samples with {type(sampler).__name__}, not Poisson sampling")
     return PrivateTraining(private_model, private_optimizer, private_loader, engine,
                            float(private_optimizer.noise_multiplier), float(sampler.sample_rate))
+
+
+def ends_logical_step(optimizer: DPOptimizer) -> bool:
+    """Whether the coming ``optimizer.step()`` completes a logical step (clips, adds noise and updates).
+
+    Under BatchMemoryManager the physical batches before the last one of a logical batch only accumulate;
+    Opacus queues that decision, and this reads it without consuming it.
+    """
+    queue = optimizer._step_skip_queue
+    return not (queue and queue[0])
 
 
 def epsilon_of(history: list[tuple[float, float, int]], delta: float, accountant: str) -> float:

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from models.convnext import predict
 from models.initialization import initialize
 from models.per_sample import TOLERANCE, max_relative_error
-from models.privacy import PrivacyRecord, StepLedger, cross_check, make_private
+from models.privacy import PrivacyRecord, StepLedger, cross_check, ends_logical_step, make_private
 from models.weights import ModelSpec, save_model
 from pipelines.atomic import atomic_folder
 from pipelines.config import Params, Train
@@ -163,8 +163,6 @@ def _training_rows(store: object, t: Train) -> tuple[np.ndarray, object]:
 
 
 def _self_check(model: nn.Module, dataset: torch.utils.data.Dataset, t: Train) -> None:
-    import models.per_sample  # noqa: F401  (registers the exact samplers before the check)
-
     count = min(t.self_check_images, len(dataset))
     x = torch.stack([dataset[i][0] for i in range(count)])
     y = torch.stack([dataset[i][1] for i in range(count)])
@@ -193,7 +191,7 @@ def _private_epoch(model: nn.Module, optimizer: object, loader: object, t: Train
     with BatchMemoryManager(data_loader=loader, max_physical_batch_size=t.physical_batch,
                             optimizer=optimizer) as batches:
         for x, y in batches:
-            final = not _skips_next_step(optimizer)
+            final = ends_logical_step(optimizer)
             if final:
                 ledger.record(*mechanism)   # before the step that releases noise about these examples
             optimizer.zero_grad()
@@ -220,12 +218,6 @@ def _plain_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: obj
         optimizer.step()
         progress.update(1)
     return loss_sum, seen
-
-
-def _skips_next_step(optimizer: object) -> bool:
-    """Whether the coming ``optimizer.step()`` only accumulates (BatchMemoryManager's non-final chunks)."""
-    queue = optimizer._step_skip_queue
-    return bool(queue[0]) if queue else False
 
 
 def _fresh_state() -> dict[str, object]:

@@ -23,7 +23,7 @@ import pandas as pd
 
 from pipelines.atomic import atomic_folder
 from pipelines.config import Params
-from pipelines.data.schema import AGE_BIN_NAMES, AGE_BINS, LABELS, age_bin
+from pipelines.data.schema import AGE_BIN_NAMES, AGE_BINS, LABELS, MAX_PLAUSIBLE_AGE, age_bin
 from pipelines.data.store import ID_COLUMNS, METADATA
 from pipelines.stage import StageError, run_stage
 from pipelines.tracking import stage_run
@@ -100,7 +100,7 @@ def derive(frame: pd.DataFrame, private: bool, public_hashes: set[str]) -> pd.Da
         out["is_female"] = out["sex"].map({"F": 1.0, "M": 0.0}).astype("float64")
     if "age" in out:
         ages = pd.to_numeric(out["age"], errors="coerce")
-        bins = age_bin(ages.where((ages >= 0) & (ages <= 110)))
+        bins = age_bin(ages.where((ages >= 0) & (ages <= MAX_PLAUSIBLE_AGE)))
         for column, label in zip(BIN_COLUMNS, AGE_BIN_NAMES, strict=True):
             out[column] = (bins == label).astype("int64")
     if private and {"patient_id", "split"} <= set(out.columns):

@@ -10,7 +10,14 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch.utils.data import TensorDataset
 
 from models.convnext import create_model
-from models.privacy import PrivacyCheckError, cross_check, dp_accounting_epsilons, epsilon_of, make_private
+from models.privacy import (
+    PrivacyCheckError,
+    cross_check,
+    dp_accounting_epsilons,
+    ends_logical_step,
+    epsilon_of,
+    make_private,
+)
 
 
 def test_opacus_upstream_reference_values():
@@ -63,7 +70,7 @@ def test_poisson_batches_vary_and_every_logical_step_is_counted_empty_ones_inclu
     sizes = []
     with BatchMemoryManager(data_loader=dp.loader, max_physical_batch_size=4, optimizer=dp.optimizer) as batches:
         for x, y in batches:
-            logical_end = not dp.optimizer._step_skip_queue or not dp.optimizer._step_skip_queue[0]
+            logical_end = ends_logical_step(dp.optimizer)
             dp.optimizer.zero_grad()
             torch.nn.functional.binary_cross_entropy_with_logits(dp.model(x), y, reduction="none").sum(1).mean().backward()
             dp.optimizer.step()
