@@ -4,7 +4,9 @@
 - ``imagenet``: supervised ImageNet weights (timm tags ``fb_in1k`` for tiny/small/base, ``d*_in1k`` for the
   small sizes).
 - ``dinov3``: self-supervised DINOv3 weights (``convnext_<size>.dinov3_lvd1689m``; tiny, small, base).
-- ``domain``: a model from the pretraining stage, resolved through the MLflow registry (``models.registry``).
+- ``domain``: a model from the pretraining stage; the train stage resolves it through the MLflow registry
+  (``pipelines.registry``) or a folder (``domain:<path>``), checks it shares no data with the private site and
+  passes it here as ``checkpoint:<folder>``.
 - ``checkpoint:<path>``: a folder with ``model.safetensors`` + ``spec.json``, or a timm-layout ``.safetensors``.
 
 Real weights load offline from the Hugging Face cache (``HF_HUB_CACHE``) through timm's own loader, which
@@ -71,9 +73,8 @@ def initialize(init: str, size: str, seed: int) -> Initialized:
         path = hub_weights_file(name)
         return Initialized(_from_timm_file(name, path), {"strategy": init, "source": name, "file": str(path)})
     if init == "domain":
-        raise ValueError("the domain initialization resolves the pretraining stage's model from the MLflow "
-                         "registry, and this version has no pretraining stage yet: use checkpoint:<model folder> "
-                         "with a model pretrained on the public source")
+        raise ValueError("the domain initialization is resolved by the train stage (registry and overlap check); "
+                         "here use checkpoint:<model folder>")
     if init.startswith("checkpoint:"):
         path = Path(init.removeprefix("checkpoint:"))
         return Initialized(load_checkpoint(path, size), {"strategy": "checkpoint", "source": str(path)})

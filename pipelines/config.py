@@ -176,6 +176,33 @@ class Train:
 
 
 @dataclass(frozen=True)
+class Pretrain:
+    """Non-private supervised pretraining on the public source site (the ``domain`` initialization).
+
+    Attributes:
+        models: ConvNeXt sizes to pretrain; each becomes a registered model ``<registered_model>-<size>``.
+        init: starting weights: ``scratch``, ``imagenet``, ``dinov3`` or ``checkpoint:<path>`` (the study: DINOv3).
+        epochs: training epochs; the epoch with the best val mean AUROC (official val split) is kept.
+        batch: mini-batch size (shuffled: the public source needs no privacy).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        augment: random horizontal flip and rotation.
+        registered_model: prefix of the registered model names.
+        alias: the alias pointing at the newest pretraining; ``init: domain`` resolves it.
+    """
+
+    models: list[str]
+    init: str
+    epochs: int
+    batch: int
+    lr: float
+    weight_decay: float
+    augment: bool
+    registered_model: str
+    alias: str
+
+
+@dataclass(frozen=True)
 class Params:
     """All of params.yaml."""
 
@@ -183,11 +210,23 @@ class Params:
     data: Data
     prepare: Prepare
     validate: Validate
+    pretrain: Pretrain
     train: Train
 
     def private_site(self) -> str:
         """The name of the one site with role ``private``."""
         return next(name for name, site in self.data.sites.items() if site.role == "private")
+
+    def public_site(self) -> str:
+        """The name of the site with role ``public`` (the pretraining source).
+
+        Raises:
+            ConfigError: no site has that role.
+        """
+        public = [name for name, site in self.data.sites.items() if site.role == "public"]
+        if not public:
+            raise ConfigError("no site in data.sites has role public: pretraining needs a public source")
+        return public[0]
 
 
 def load_params(path: Path = PARAMS_FILE, overrides: list[str] | tuple[str, ...] = ()) -> Params:
@@ -293,6 +332,9 @@ def _check(params: Params) -> None:
     private = [n for n, s in params.data.sites.items() if s.role == "private"]
     if len(private) != 1:
         raise ConfigError(f"data.sites must have exactly one site with role private, found {private}")
+    public = [n for n, s in params.data.sites.items() if s.role == "public"]
+    if len(public) > 1:
+        raise ConfigError(f"data.sites may have one site with role public (the pretraining source), found {public}")
     p = params.prepare
     for key in ("val_fraction", "test_fraction", "max_bad_fraction"):
         if not 0 <= getattr(p, key) < 1:
@@ -303,6 +345,10 @@ def _check(params: Params) -> None:
         raise ConfigError("base.image_size must be at least 16 pixels")
     if p.workers < 1:
         raise ConfigError("prepare.workers must be at least 1")
+    if params.pretrain.epochs < 1 or params.pretrain.batch < 1 or not params.pretrain.models:
+        raise ConfigError("pretrain.epochs and pretrain.batch must be positive and pretrain.models not empty")
+    if params.pretrain.alias.lower() == "latest" or params.pretrain.alias.lower().lstrip("v").isdigit():
+        raise ConfigError(f"pretrain.alias {params.pretrain.alias!r} is reserved by MLflow: choose another name")
     t = params.train
     if not t.epsilon > 0:
         raise ConfigError("train.epsilon must be positive (.inf for the non-private baseline)")

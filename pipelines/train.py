@@ -30,29 +30,28 @@ import opacus
 import torch
 import yaml
 from opacus.utils.batch_memory_manager import BatchMemoryManager
-from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
 from models.convnext import predict
-from models.initialization import initialize
+from models.initialization import Initialized, initialize
 from models.per_sample import TOLERANCE, max_relative_error
 from models.privacy import PrivacyRecord, StepLedger, cross_check, ends_logical_step, make_private
 from models.weights import ModelSpec, save_model
-from pipelines.atomic import atomic_folder
+from pipelines.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from pipelines.config import Params, Train
 from pipelines.data.datasets import ImageDataset, PatientDataset
 from pipelines.data.schema import LABELS
 from pipelines.data.splits import patient_unit_interval
-from pipelines.data.store import METADATA, open_site
+from pipelines.data.store import METADATA, SiteStore, open_site
 from pipelines.metrics import mean_auroc
+from pipelines.pretrain import SOURCE, hash_id
 from pipelines.stage import StageError, run_stage
 from pipelines.tracking import data_version, stage_run
 
 STAGE = "train"
 # Opacus' hooks on the first layer (whose input needs no gradient) trigger this torch warning every step.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
-CHECKPOINT = "checkpoint"
 
 
 def cell_name(t: Train) -> str:
@@ -96,7 +95,7 @@ def train(params: Params, resume: bool = False) -> dict[str, object]:
     if is_private and t.delta >= 1 / n:
         raise StageError(f"train.delta={t.delta:g} is not below 1/N = 1/{n}; choose a smaller delta")
 
-    initialized = initialize(t.init, t.model, t.seed)
+    initialized = _initialize(params, store)
     model = initialized.model
     if is_private:
         _self_check(model, dataset, t)
@@ -138,7 +137,8 @@ def train(params: Params, resume: bool = False) -> dict[str, object]:
             state["best_auroc"], state["best_epoch"] = val_auroc, epoch
             save_model(plain, spec, out)
         state["epoch"] = epoch
-        _save_checkpoint(out / CHECKPOINT, plain, optimizer, accountant, state)
+        save_checkpoint(out / CHECKPOINT, plain, optimizer,
+                        {**state, "accountant_history": [list(h) for h in accountant.history] if accountant else []})
 
     record = _privacy_record(params, t, accountant, sigma, q, n, state, initialized.provenance)
     (out / "privacy.json").write_text(record.to_json())
@@ -160,6 +160,55 @@ def _training_rows(store: object, t: Train) -> tuple[np.ndarray, object]:
     if len(rows) == 0:
         raise StageError("no training images left: raise train.data_fraction or check the prepare output")
     return rows, meta
+
+
+def _initialize(params: Params, store: SiteStore) -> Initialized:
+    """The cell's starting model; ``domain`` is the pretrain stage's (registry alias, or ``domain:<folder>``)."""
+    t = params.train
+    if t.init != "domain" and not t.init.startswith("domain:"):
+        try:
+            return initialize(t.init, t.model, t.seed)
+        except ValueError as error:
+            raise StageError(str(error)) from error
+    folder = t.init.removeprefix("domain").removeprefix(":")
+    if folder:
+        folder, provenance = Path(folder), {"strategy": "domain", "source": folder}
+    else:
+        from pipelines.registry import download, get_version
+
+        name = f"{params.pretrain.registered_model}-{t.model}"
+        try:
+            registered = get_version(name, params.pretrain.alias)
+        except LookupError as error:
+            raise StageError(f"{error} (dvc repro pretrain, or mlflow run . -e pretrain)") from error
+        folder = download(registered)
+        provenance = {"strategy": "domain", "source": f"models:/{name}@{params.pretrain.alias}",
+                      "registered_model": name, "version": registered.version, "pretrain_run_id": registered.run_id,
+                      "pretrain_data_version": registered.tags.get("source_data_version", "")}
+    _refuse_overlap(folder / SOURCE, store, params.data.sites[params.private_site()].format)
+    model = initialize(f"checkpoint:{folder}", t.model, t.seed).model
+    spec = json.loads((folder / "spec.json").read_text())
+    if spec["image_size"] != params.base.image_size:
+        raise StageError(f"the pretrained model in {folder} was trained on {spec['image_size']} px images, this "
+                         f"run uses base.image_size={params.base.image_size}: pretrain at the same size")
+    return Initialized(model, provenance)
+
+
+def _refuse_overlap(source: Path, store: SiteStore, format: str) -> None:
+    """Refuses a pretraining source that saw any private image or patient (DP fine-tuning would not cover them)."""
+    if not source.is_file():
+        raise StageError(f"{source} is missing: without the pretraining source manifest the overlap with the "
+                         f"private site cannot be checked; pretrain with this version's pretrain stage")
+    manifest = json.loads(source.read_text())
+    images = store.metadata["content_hash"].dropna().astype(str).isin(set(manifest["content_hashes"]))
+    patients = 0
+    if manifest["format"] == format:  # patient ids are only comparable within one data set's id space
+        hashed = store.metadata["patient_id"].dropna().astype(str).map(hash_id)
+        patients = int(hashed.isin(set(manifest["patient_ids"])).sum())
+    if images.any() or patients:
+        raise StageError(f"the pretraining source {manifest['site']} shares {int(images.sum())} images and "
+                         f"{patients} patient images with the private site: pretrain on data disjoint from it, or "
+                         f"the private data would be used without the DP guarantee")
 
 
 def _self_check(model: nn.Module, dataset: torch.utils.data.Dataset, t: Train) -> None:
@@ -224,22 +273,6 @@ def _fresh_state() -> dict[str, object]:
     return {"epoch": 0, "step": 0, "epsilon": 0.0, "best_auroc": float("-inf"), "best_epoch": 0, "history": []}
 
 
-def _save_checkpoint(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, accountant: object,
-                     state: dict[str, object]) -> None:
-    """Weights, optimizer, accountant history, RNG state and progress: safetensors + JSON, never pickle."""
-    opt = optimizer.state_dict()
-    tensors = {f"{index}.{key}": value.contiguous() for index, entries in opt["state"].items()
-               for key, value in entries.items() if isinstance(value, torch.Tensor)}
-    tensors["rng.torch"] = torch.get_rng_state()
-    meta = {**state, "param_groups": opt["param_groups"],
-            "accountant_history": [list(h) for h in accountant.history] if accountant is not None else []}
-    with atomic_folder(folder) as partial:
-        save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-                  str(partial / "model.safetensors"))
-        save_file(tensors, str(partial / "optimizer.safetensors"))
-        (partial / "state.json").write_text(json.dumps(meta, indent=2, default=float))
-
-
 def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, accountant: object, ledger: StepLedger,
             sigma: float, q: float) -> dict[str, object]:
     """Restores the last checkpoint and charges the accountant for steps run after it (from the ledger)."""
@@ -249,15 +282,7 @@ def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, accou
         raise StageError(f"nothing to resume in {out}: run without --resume")
     state = _fresh_state()
     if folder.is_dir():
-        meta = json.loads((folder / "state.json").read_text())
-        model.load_state_dict(load_file(str(folder / "model.safetensors")))
-        tensors = load_file(str(folder / "optimizer.safetensors"))
-        torch.set_rng_state(tensors.pop("rng.torch"))
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            index, name = key.split(".", 1)
-            opt_state.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": opt_state, "param_groups": meta.pop("param_groups")})
+        meta = load_checkpoint(folder, model, optimizer)
         history = [tuple(h) for h in meta.pop("accountant_history")]
         state.update(meta)
         if accountant is not None:

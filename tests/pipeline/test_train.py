@@ -174,3 +174,39 @@ def test_killed_run_resumes_and_counts_every_executed_step(workspace):
     assert record["steps"] == executed == sum(h[2] for h in record["history"])
     assert record["epsilon"] >= uninterrupted["epsilon"]
     assert record["epochs"] == 3
+
+
+def _domain_folder(tmp_path, store, format):
+    """A pretrained-model folder whose source manifest lists ``store``'s images and patients."""
+    from models.weights import ModelSpec, save_model
+    from pipelines.pretrain import source_manifest
+
+    folder = tmp_path / "pretrained"
+    save_model(initialize("scratch", "atto", 0).model, ModelSpec(size="atto", image_size=64), folder)
+    (folder / "source.json").write_text(json.dumps(source_manifest(store, "a-public-source", format)))
+    return folder
+
+
+def test_domain_init_refuses_a_source_sharing_images_with_the_private_site(workspace):
+    from pipelines.stage import StageError
+
+    store = open_site(Path("artifacts/prepare") / PRIVATE.name)
+    folder = _domain_folder(workspace, store, "mimic-cxr-jpg")   # another id space: only content can match
+    with pytest.raises(StageError, match=f"shares {len(store.metadata)} images and 0 patient images"):
+        train(params(f"train.init=domain:{folder}", "train.epsilon=8"))
+    assert not (Path("artifacts/train") / cell_name(params(f"train.init=domain:{folder}").train) / "privacy.json").exists()
+
+
+def test_domain_init_refuses_a_source_sharing_patients_with_the_private_site(workspace):
+    from pipelines.stage import StageError
+
+    store = open_site(Path("artifacts/prepare") / PRIVATE.name)
+    folder = _domain_folder(workspace, store, "inhouse")
+    manifest = json.loads((folder / "source.json").read_text())
+    manifest["content_hashes"] = []                              # other images of the same patients
+    (folder / "source.json").write_text(json.dumps(manifest))
+    with pytest.raises(StageError, match=f"shares 0 images and {len(store.metadata)} patient images"):
+        train(params(f"train.init=domain:{folder}", "train.epsilon=8"))
+    (folder / "source.json").unlink()
+    with pytest.raises(StageError, match="overlap with the private site cannot be checked"):
+        train(params(f"train.init=domain:{folder}", "train.epsilon=8"))
