@@ -8,6 +8,7 @@ the same checks.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import types
 import typing
 from dataclasses import dataclass
@@ -203,6 +204,45 @@ class Pretrain:
 
 
 @dataclass(frozen=True)
+class Grid:
+    """The study's matrix: every combination is one train cell (dvc.yaml's train stage, MLproject ``main``).
+
+    Attributes:
+        inits: initializations (``train.init`` values).
+        epsilons: target epsilons; ``inf`` is the non-private baseline of each init.
+        models: ConvNeXt sizes (the model-capacity sweep).
+        data_fractions: shares of the private training patients (the data-scale sweep).
+        seeds: seeds.
+    """
+
+    inits: list[str]
+    epsilons: list[float]
+    models: list[str]
+    data_fractions: list[float]
+    seeds: list[int]
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    """The evaluate stage.
+
+    Attributes:
+        resamples: bootstrap resamples of each evaluation set (shared by every model: paired comparisons).
+        seed: seeds the resamples.
+        threshold: ``val``: per-label threshold by Youden's J on the private val split, then fixed;
+            ``resample``: re-chosen by Youden's J inside each test resample (the study's code).
+        confidence: level of the percentile intervals.
+        min_subgroup_positives: subgroups with fewer positives in some label are flagged.
+    """
+
+    resamples: int
+    seed: int
+    threshold: Literal["val", "resample"]
+    confidence: float
+    min_subgroup_positives: int
+
+
+@dataclass(frozen=True)
 class Params:
     """All of params.yaml."""
 
@@ -212,10 +252,19 @@ class Params:
     validate: Validate
     pretrain: Pretrain
     train: Train
+    grid: Grid
+    evaluate: Evaluate
 
     def private_site(self) -> str:
         """The name of the one site with role ``private``."""
         return next(name for name, site in self.data.sites.items() if site.role == "private")
+
+    def grid_cells(self) -> list[Train]:
+        """Every cell of the grid as a train configuration (``train`` with the grid knobs replaced)."""
+        g = self.grid
+        return [dataclasses.replace(self.train, init=init, epsilon=eps, model=model, data_fraction=fraction, seed=seed)
+                for init, eps, model, fraction, seed in itertools.product(
+                    g.inits, g.epsilons, g.models, g.data_fractions, g.seeds)]
 
     def public_site(self) -> str:
         """The name of the site with role ``public`` (the pretraining source).
@@ -349,6 +398,13 @@ def _check(params: Params) -> None:
         raise ConfigError("pretrain.epochs and pretrain.batch must be positive and pretrain.models not empty")
     if params.pretrain.alias.lower() == "latest" or params.pretrain.alias.lower().lstrip("v").isdigit():
         raise ConfigError(f"pretrain.alias {params.pretrain.alias!r} is reserved by MLflow: choose another name")
+    g = params.grid
+    if not all([g.inits, g.epsilons, g.models, g.data_fractions, g.seeds]):
+        raise ConfigError("every list in grid must have at least one value")
+    if any(not eps > 0 for eps in g.epsilons) or any(not 0 < f <= 1 for f in g.data_fractions):
+        raise ConfigError("grid.epsilons must be positive (inf for non-private) and grid.data_fractions in (0, 1]")
+    if params.evaluate.resamples < 1 or not 0 < params.evaluate.confidence < 1:
+        raise ConfigError("evaluate.resamples must be positive and evaluate.confidence in (0, 1)")
     t = params.train
     if not t.epsilon > 0:
         raise ConfigError("train.epsilon must be positive (.inf for the non-private baseline)")

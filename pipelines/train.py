@@ -50,6 +50,8 @@ from pipelines.stage import StageError, run_stage
 from pipelines.tracking import data_version, stage_run
 
 STAGE = "train"
+CELL = "cell.json"    # the cell's grid knobs, which the evaluate stage matches against the grid
+GRID_KNOBS = ("init", "epsilon", "model", "data_fraction", "seed")
 # Opacus' hooks on the first layer (whose input needs no gradient) trigger this torch warning every step.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
@@ -61,12 +63,13 @@ def cell_name(t: Train) -> str:
     return f"{init}_eps{eps}_{t.model}_f{t.data_fraction:g}_s{t.seed}"
 
 
-def train(params: Params, resume: bool = False) -> dict[str, object]:
+def train(params: Params, resume: bool = False, cell: str | None = None) -> dict[str, object]:
     """Trains one grid cell and logs it to MLflow.
 
     Args:
         params: the resolved configuration (``params.train`` is the cell).
         resume: continue from the cell's last checkpoint and step ledger instead of starting over.
+        cell: the output folder's name (dvc.yaml names the matrix cells itself); default ``cell_name``.
 
     Returns:
         The privacy record and the selection result.
@@ -76,7 +79,8 @@ def train(params: Params, resume: bool = False) -> dict[str, object]:
             cross-check failed, or nothing to resume.
     """
     t = params.train
-    out = Path(params.base.artifacts) / STAGE / cell_name(t)
+    cell = cell or cell_name(t)
+    out = Path(params.base.artifacts) / STAGE / cell
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
@@ -117,7 +121,7 @@ def train(params: Params, resume: bool = False) -> dict[str, object]:
     spec = ModelSpec(size=t.model, image_size=params.base.image_size, init=initialized.provenance)
     steps_per_epoch = len(loader)
     for epoch in range(state["epoch"] + 1, t.epochs + 1):
-        progress = tqdm(total=steps_per_epoch, desc=f"train {cell_name(t)} epoch {epoch}/{t.epochs}", unit="step",
+        progress = tqdm(total=steps_per_epoch, desc=f"train {cell} epoch {epoch}/{t.epochs}", unit="step",
                         file=sys.stderr, mininterval=1.0)
         progress.set_postfix(eps=f"{state['epsilon']:.2f}")
         if is_private:
@@ -143,9 +147,10 @@ def train(params: Params, resume: bool = False) -> dict[str, object]:
     record = _privacy_record(params, t, accountant, sigma, q, n, state, initialized.provenance)
     (out / "privacy.json").write_text(record.to_json())
     (out / "history.json").write_text(json.dumps(state["history"], indent=2))
-    result = {"cell": cell_name(t), "epsilon": record.epsilon, "best_epoch": state["best_epoch"],
+    (out / CELL).write_text(json.dumps({"name": cell, **{k: str(getattr(t, k)) for k in GRID_KNOBS}}, indent=2))
+    result = {"cell": cell, "epsilon": record.epsilon, "best_epoch": state["best_epoch"],
               "val_mean_auroc": state["best_auroc"], "steps": record.steps, "noise_multiplier": sigma}
-    print(f"train: {cell_name(t)}: best epoch {state['best_epoch']} (val mean AUROC {state['best_auroc']:.4f}), "
+    print(f"train: {cell}: best epoch {state['best_epoch']} (val mean AUROC {state['best_auroc']:.4f}), "
           f"epsilon {record.epsilon:.3f} at delta {t.delta:g} after {record.steps} steps -> {out}", file=sys.stderr)
     _log(params, record, state, out)
     return result
@@ -348,8 +353,6 @@ def _log(params: Params, record: PrivacyRecord, state: dict[str, object], out: P
             mlflow.log_artifact(str(out / name))
 
 
-GRID_KNOBS = ("init", "epsilon", "model", "data_fraction", "seed")
-
 
 def _flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
     """The resolved configuration as MLflow params: ``{"train.epsilon": 8.0, "data.sites.x.format": ...}``."""
@@ -363,7 +366,7 @@ def _flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m pipelines.train [--resume] [--epsilon 3 --init domain ...] [-P train.lr=1e-3 ...]``.
+    """``python -m pipelines.train [--resume] [--cell NAME] [--epsilon 3 --init domain ...] [-P train.lr=1e-3 ...]``.
 
     The grid knobs have their own flags (an empty value keeps params.yaml's); any other key goes through -P.
     """
@@ -371,6 +374,11 @@ def main(argv: list[str] | None = None) -> None:
     resume = "--resume" in args
     if resume:
         args.remove("--resume")
+    cell = None
+    if "--cell" in args:
+        at = args.index("--cell")
+        cell = args[at + 1] if at + 1 < len(args) else None
+        del args[at:at + 2]
     for knob in GRID_KNOBS:
         flag = "--" + knob.replace("_", "-")
         while flag in args:
@@ -379,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
             del args[at:at + 2]
             if value:
                 args += ["-P", f"train.{knob}={value}"]
-    run_stage(STAGE, lambda params: train(params, resume=resume), args)
+    run_stage(STAGE, lambda params: train(params, resume=resume, cell=cell), args)
 
 
 if __name__ == "__main__":

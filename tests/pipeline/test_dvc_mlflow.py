@@ -1,4 +1,5 @@
-"""The project as users drive it: `dvc repro`, `dvc push`/`dvc pull` to the default remote, `mlflow run`."""
+"""The project as users drive it: the whole pipeline through `dvc repro` on a tiny configuration, `dvc push`/`dvc pull`
+to the default remote, the DVC parameter dependencies, `mlflow run`."""
 
 import hashlib
 import os
@@ -12,7 +13,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-PROJECT_FILES = ("dvc.yaml", "params.yaml", "MLproject", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
+PROJECT_FILES = (".gitignore", "dvc.yaml", "params.yaml", "MLproject", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
 
 
 def run(*args: str, cwd: Path) -> str:
@@ -27,6 +28,17 @@ def digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".gitignore"}
 
 
+def tiny(params: dict) -> None:
+    """The study at a tiny scale: a few hundred 32 px images, one epoch per model, two epsilons, 50 resamples."""
+    # A few hundred images cannot meet the default subgroup thresholds: relax those the tiny set misses.
+    params["validate"].update(min_test_age_bin_count=0, min_prevalence=0.0, max_prevalence=1.0)
+    params["base"]["image_size"] = 32
+    params["pretrain"].update(epochs=1, batch=32)
+    params["train"].update(epochs=1, logical_batch=32, physical_batch=32, self_check_images=2)
+    params["grid"].update(inits=["scratch", "domain"], epsilons=[8, "inf"])
+    params["evaluate"].update(resamples=50, min_subgroup_positives=3)
+
+
 @pytest.fixture
 def project(tmp_path: Path, tiny_data: Path) -> Path:
     """A fresh clone of the project's pipeline files with the tiny data set tracked by DVC."""
@@ -37,9 +49,8 @@ def project(tmp_path: Path, tiny_data: Path) -> Path:
     for package in ("pipelines", "models"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(tiny_data, root / "data")
-    # A few hundred images cannot meet the default subgroup thresholds: relax those the tiny set misses.
     params = yaml.safe_load((root / "params.yaml").read_text())
-    params["validate"].update(min_test_age_bin_count=0, min_prevalence=0.0, max_prevalence=1.0)
+    tiny(params)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run("git", "init", "-q", cwd=root)
     run(str(BIN / "dvc"), "add", "-q", "data", cwd=root)
@@ -50,15 +61,27 @@ def test_repro_then_push_and_pull_round_trip(project):
     dvc = str(BIN / "dvc")
     run(dvc, "repro", cwd=project)
     assert (project / "artifacts/prepare/report.json").is_file()
+    report = project / "artifacts/report"
+    assert {"report.md", "report.html", "cross_site_heatmap.png", "auroc_vs_epsilon.png"} <= {
+        p.name for p in report.iterdir()}
+    cells = sorted(p.name for p in (project / "artifacts/train").iterdir() if p.is_dir())
+    assert cells == ["domain_eps8_atto_f1.0_s0", "domain_epsinf_atto_f1.0_s0", "scratch_eps8_atto_f1.0_s0",
+                     "scratch_epsinf_atto_f1.0_s0"]
     assert "up to date" in run(dvc, "status", cwd=project)
-    before = {**digest(project / "data"), **{f"artifacts/{k}": v for k, v in digest(project / "artifacts").items()}}
+    # metrics.json is not cached (`cache: false`): git keeps it, as it would in a real clone.
+    before = {**digest(project / "data"), **{f"artifacts/{k}": v for k, v in digest(project / "artifacts").items()
+                                             if k != "metrics.json"}}
     assert "pushed" in run(dvc, "push", cwd=project)
     assert (project / ".dvc/storage").is_dir()           # the default remote lives inside the repository
 
+    metrics = (project / "artifacts/metrics.json").read_bytes()
     for folder in (".dvc/cache", "data", "artifacts"):
         shutil.rmtree(project / folder)
+    (project / "artifacts").mkdir()
+    (project / "artifacts/metrics.json").write_bytes(metrics)   # git's, in a real clone
     run(dvc, "pull", cwd=project)
-    after = {**digest(project / "data"), **{f"artifacts/{k}": v for k, v in digest(project / "artifacts").items()}}
+    after = {**digest(project / "data"), **{f"artifacts/{k}": v for k, v in digest(project / "artifacts").items()
+                                            if k != "metrics.json"}}
     assert after == before
     assert "up to date" in run(dvc, "status", cwd=project)
 
@@ -67,6 +90,13 @@ def test_repro_then_push_and_pull_round_trip(project):
     params["prepare"]["val_fraction"] = 0.1
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     assert "prepare" in run(dvc, "status", cwd=project)
+    params["prepare"]["val_fraction"] = 0.15
+    # A changed epsilon adds its cells and reruns what reads the grid, nothing else.
+    params["grid"]["epsilons"] = [3, "inf"]
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    status = run(dvc, "status", cwd=project).splitlines()
+    stale = {line[:-1] for line in status if line.endswith(":") and not line.startswith(("\t", " "))}
+    assert stale == {"train@scratch-3-atto-1.0-0", "train@domain-3-atto-1.0-0", "evaluate", "report"}
 
 
 def test_mlflow_run_entry_point(project):
