@@ -19,7 +19,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # dvc.yaml and MLproject call `python`: make it this environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup data demo test lint bench clean
+.PHONY: setup data demo serve test lint bench clean
 
 setup: $(STAMP)
 
@@ -37,19 +37,34 @@ data: setup
 		--scale $$($(PY) -c "import yaml;print(yaml.safe_load(open('params.yaml'))['data']['synthetic']['scale'])")
 	$(VENV)/bin/dvc commit --force data.dvc --quiet
 
+# The whole study on the synthetic data: generate, run the DVC pipeline, print the results and what to do next.
 demo: data
 	$(VENV)/bin/dvc repro
 	@git diff --quiet data.dvc 2>/dev/null || echo "note: the generated data differs from the committed data.dvc"
+	$(PY) -m pipelines.report --update-readme
+	@echo; cat artifacts/report/results_table.md; echo
+	@echo "Next:"
+	@echo "  mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)   # runs, epsilon per epoch, registry"
+	@echo "  open artifacts/report/report.html                      # tables and figures (also: dvc plots show)"
+	@echo "  make serve                                             # the BentoML API on 127.0.0.1:3000"
+
+# The inference API for the registered alias serve.alias (after `make demo`), on 127.0.0.1:3000.
+serve: setup
+	$(PY) -m serving.launch --port 3000
 
 test: setup
-	$(VENV)/bin/ruff check pipelines models tests benchmarks
+	$(VENV)/bin/ruff check pipelines models serving tests benchmarks
 	$(PY) -m pytest
 
 lint: setup
-	$(VENV)/bin/ruff check pipelines models tests benchmarks
+	$(VENV)/bin/ruff check pipelines models serving tests benchmarks
 
 bench: setup
 	$(PY) benchmarks/prepare.py
+	$(PY) benchmarks/validate.py
+	$(PY) benchmarks/dp_step.py
+	$(PY) benchmarks/evaluate.py
+	$(PY) benchmarks/serve.py
 
 clean:
 	rm -rf artifacts mlruns mlflow.db .bentoml .cache .dvc/site-cache

@@ -20,6 +20,17 @@ from pydicom.pixels import apply_modality_lut
 MAX_PIXELS = 50_000_000
 DICOM_SUFFIXES = (".dcm", ".dicom")
 ALLOWED_FORMATS = ("PNG", "JPEG")
+# Formats Pillow could open but this project never does (only PNG, JPEG and DICOM): named in the error.
+OTHER_FORMATS = {b"GIF8": "GIF", b"BM": "BMP", b"II*\x00": "TIFF", b"MM\x00*": "TIFF", b"RIFF": "WebP",
+                 b"SIMPLE": "FITS", b"\x00\x00\x00\x0cjP": "JPEG 2000", b"%PDF": "PDF"}
+# Modes converted to grayscale explicitly (the luminance of what a viewer displays); anything else is refused.
+CONVERTIBLE_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr"})
+SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16B", "I;16L", "I"})
+# DICOM storage classes of radiographs: CR, DX (for presentation / processing), secondary capture.
+RADIOGRAPH_SOP_CLASSES = frozenset({
+    "1.2.840.10008.5.1.4.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1", "1.2.840.10008.5.1.4.1.1.1.1.1",
+    "1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.7.2", "1.2.840.10008.5.1.4.1.1.7.3",
+    "1.2.840.10008.5.1.4.1.1.7.4"})
 
 
 class ImageDecodeError(ValueError):
@@ -42,28 +53,33 @@ def decode_file(path: Path) -> np.ndarray:
     return decode_bytes(data, is_dicom=Path(path).suffix.lower() in DICOM_SUFFIXES)
 
 
-def decode_bytes(data: bytes, is_dicom: bool | None = None) -> np.ndarray:
+def decode_bytes(data: bytes, is_dicom: bool | None = None, untrusted: bool = False) -> np.ndarray:
     """Decodes image bytes (PNG, JPEG or DICOM) to a grayscale float32 array in [0, 1].
 
     Args:
         data: the file's bytes.
         is_dicom: whether the bytes are DICOM; None sniffs the ``DICM`` magic at offset 128.
+        untrusted: bytes from outside (the inference API): DICOM must also have an all-zero preamble (PS3.10
+            7.5: it can carry executable content) and a radiograph storage class.
 
     Raises:
         ImageDecodeError: the bytes cannot be decoded; the message says why.
     """
     if is_dicom is None:
         is_dicom = data[128:132] == b"DICM"
-    return _decode_dicom(data) if is_dicom else _decode_raster(data)
+    return _decode_dicom(data, untrusted) if is_dicom else _decode_raster(data)
 
 
 def _decode_raster(data: bytes) -> np.ndarray:
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)   # never lets Pillow try other decoders
+    except Image.DecompressionBombError as error:   # Pillow's own cap, far above ours, fires while opening
+        raise ImageDecodeError(f"image exceeds the {MAX_PIXELS} pixel limit: {error}") from error
     except UnidentifiedImageError as error:
+        other = next((name for magic, name in OTHER_FORMATS.items() if data.startswith(magic)), None)
+        if other:
+            raise ImageDecodeError(f"unsupported image format {other}; use PNG, JPEG or DICOM") from error
         raise ImageDecodeError("not a PNG, JPEG or DICOM image") from error
-    if image.format not in ALLOWED_FORMATS:
-        raise ImageDecodeError(f"unsupported image format {image.format}; use PNG, JPEG or DICOM")
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the {MAX_PIXELS} pixel limit")
@@ -71,19 +87,29 @@ def _decode_raster(data: bytes) -> np.ndarray:
         image.load()
     except (OSError, SyntaxError) as error:
         raise ImageDecodeError(f"truncated or corrupt {image.format} image: {error}") from error
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in SIXTEEN_BIT_MODES:
         # 16-bit grayscale (PadChest): full range is 0..65535.
         return (np.asarray(image, dtype=np.float64) / 65535.0).astype(np.float32)
+    if image.mode not in CONVERTIBLE_MODES:
+        raise ImageDecodeError(f"unsupported {image.format} pixel mode {image.mode}; use 8/16-bit grayscale or RGB")
     if image.mode != "L":
-        image = image.convert("L")   # RGB, RGBA, palette, CMYK: luminance of the displayed picture
+        image = image.convert("L")   # RGB(A), palette, CMYK, bilevel: luminance of the displayed picture
     return np.asarray(image, dtype=np.float32) / 255.0
 
 
-def _decode_dicom(data: bytes) -> np.ndarray:
+def _decode_dicom(data: bytes, untrusted: bool = False) -> np.ndarray:
+    if untrusted and data[:128].strip(b"\x00"):
+        raise ImageDecodeError("DICOM preamble is not all zeros (it can hide executable content); "
+                               "re-export the file without a preamble")
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
+        if untrusted and str(ds.get("SOPClassUID", "")) not in RADIOGRAPH_SOP_CLASSES:
+            raise ImageDecodeError(f"DICOM SOP class {ds.get('SOPClassUID', 'missing')} is not a radiograph "
+                                   f"(CR, DX or secondary capture)")
         rows, columns = int(ds.Rows), int(ds.Columns)
     except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError) as error:
+        if isinstance(error, ImageDecodeError):
+            raise
         raise ImageDecodeError(f"not a readable DICOM image: {error}") from error
     if rows * columns > MAX_PIXELS:
         raise ImageDecodeError(f"DICOM of {columns}x{rows} pixels exceeds the {MAX_PIXELS} pixel limit")

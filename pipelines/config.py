@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -243,6 +244,40 @@ class Evaluate:
 
 
 @dataclass(frozen=True)
+class Register:
+    """The register stage: which grid models enter the MLflow registry, under which aliases.
+
+    Attributes:
+        name: the registered model (one version per epsilon of the grid: its best cell on the private val split).
+        aliases: alias -> the epsilon whose version it names (``inf``: the non-private baseline).
+        private_aliases: aliases reserved for private models; pointing one at ``inf`` is refused.
+    """
+
+    name: str
+    aliases: dict[str, float]
+    private_aliases: list[str]
+
+
+@dataclass(frozen=True)
+class Serve:
+    """The BentoML inference API.
+
+    Attributes:
+        alias: the registered version to serve (``register.name@alias``).
+        max_request_bytes: larger request bodies get 413.
+        max_batch_size: most images the adaptive batcher merges into one model call.
+        max_latency_ms: the batcher's latency budget.
+        token_env: environment variable holding the bearer token; unset or empty means no auth.
+    """
+
+    alias: str
+    max_request_bytes: int
+    max_batch_size: int
+    max_latency_ms: int
+    token_env: str
+
+
+@dataclass(frozen=True)
 class Params:
     """All of params.yaml."""
 
@@ -254,6 +289,8 @@ class Params:
     train: Train
     grid: Grid
     evaluate: Evaluate
+    register: Register
+    serve: Serve
 
     def private_site(self) -> str:
         """The name of the one site with role ``private``."""
@@ -405,6 +442,17 @@ def _check(params: Params) -> None:
         raise ConfigError("grid.epsilons must be positive (inf for non-private) and grid.data_fractions in (0, 1]")
     if params.evaluate.resamples < 1 or not 0 < params.evaluate.confidence < 1:
         raise ConfigError("evaluate.resamples must be positive and evaluate.confidence in (0, 1)")
+    r = params.register
+    for alias, eps in r.aliases.items():
+        if alias.lower() == "latest" or alias.lower().lstrip("v").isdigit():
+            raise ConfigError(f"register.aliases: {alias!r} is reserved by MLflow: choose another name")
+        if math.isinf(eps) and alias in r.private_aliases:
+            raise ConfigError(f"register.aliases: {alias!r} is reserved for private models (register.private_aliases) "
+                              f"and cannot name the non-private model")
+        if eps not in g.epsilons:
+            raise ConfigError(f"register.aliases: {alias!r} names epsilon {eps:g}, which is not in grid.epsilons")
+    if params.serve.alias not in r.aliases:
+        raise ConfigError(f"serve.alias {params.serve.alias!r} is not one of register.aliases {list(r.aliases)}")
     t = params.train
     if not t.epsilon > 0:
         raise ConfigError("train.epsilon must be positive (.inf for the non-private baseline)")

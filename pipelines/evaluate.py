@@ -45,7 +45,7 @@ from pipelines.metrics import (
     youden_threshold,
 )
 from pipelines.stage import StageError, run_stage
-from pipelines.tracking import stage_run
+from pipelines.tracking import cell_run_id, stage_run
 from pipelines.train import CELL, GRID_KNOBS
 
 STAGE = "evaluate"
@@ -320,7 +320,6 @@ def _log(params: Params, cells: list[Cell], results: pd.DataFrame, private: str)
     mean = results[results["label"] == "mean"]
     with stage_run(STAGE):
         client = mlflow.MlflowClient()
-        experiments = [x.experiment_id for x in client.search_experiments()]
         for cell in cells:
             metrics = {}
             for row in mean[mean["cell"] == cell.name].itertuples():
@@ -329,11 +328,10 @@ def _log(params: Params, cells: list[Cell], results: pd.DataFrame, private: str)
                             f"{scope}.mean_auroc_ci_high": row.ci_high}
             clean = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
             mlflow.log_metrics({f"{cell.name}.{k}": v for k, v in clean.items()})
-            runs = client.search_runs(experiments, f"tags.`dp_cxr.cell` = '{cell.name}'",
-                                      order_by=["attributes.start_time DESC"], max_results=1)
-            if runs:
+            run_id = cell_run_id(cell.name)
+            if run_id:
                 for key, value in clean.items():
-                    client.log_metric(runs[0].info.run_id, key, value)
+                    client.log_metric(run_id, key, value)
         for name in ("results.csv", "fairness.csv", "comparisons.csv", "cross_site.csv", "thresholds.json"):
             mlflow.log_artifact(str(Path(params.base.artifacts) / STAGE / name))
 

@@ -58,11 +58,20 @@ def register(folder: Path, name: str, tags: dict[str, object], aliases: list[str
     for file in (WEIGHTS, SPEC):
         if not (folder / file).is_file():
             raise FileNotFoundError(f"{folder / file} is missing: nothing to register")
+    import json
+
+    import numpy as np
+    from mlflow.models import infer_signature
+
+    side = json.loads((folder / SPEC).read_text())["image_size"]
+    labels = json.loads((folder / SPEC).read_text())["labels"]
+    # Preprocessed uint8 images (N, S, S) in, probabilities (N, L) out: MLflow checks inputs against it.
+    signature = infer_signature(np.zeros((1, side, side), np.uint8), np.zeros((1, len(labels)), np.float32))
     artifacts = {"weights": str(folder / WEIGHTS), "spec": str(folder / SPEC)}
     artifacts |= {key: str(path) for key, path in (extra_artifacts or {}).items()}
     info = mlflow.pyfunc.log_model(
         name="model", python_model=str(MODEL_CODE), artifacts=artifacts, registered_model_name=name,
-        pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS],
+        pip_requirements=[f"{package}=={version(package)}" for package in REQUIREMENTS], signature=signature,
         metadata={key: str(value) for key, value in tags.items()})
     number = str(info.registered_model_version)
     client = MlflowClient()

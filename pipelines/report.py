@@ -32,6 +32,8 @@ from pipelines.stage import StageError, run_stage  # noqa: E402
 from pipelines.tracking import stage_run  # noqa: E402
 
 STAGE = "report"
+RESULTS_TABLE = "results_table.md"   # what `make demo` prints and copies into README.md
+README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
 FIGURES = ("auroc_vs_epsilon.png", "cross_site_heatmap.png", "roc_private_test.png", "fairness_vs_epsilon.png",
            "epsilon_per_epoch.png")
 
@@ -81,6 +83,7 @@ def report(params: Params) -> Path:
         for _, stem, table in sections:
             table.to_csv(out / f"{stem}.csv")
         threshold = results["threshold"].iloc[0]
+        (out / RESULTS_TABLE).write_text(_results_table(main[main["site"] == private], private))
         (out / "report.md").write_text(_markdown(sections, threshold, out))
         (out / "report.html").write_text(_html(sections, threshold, out))
     path = Path(params.base.artifacts) / STAGE / "report.md"
@@ -110,6 +113,32 @@ def _init_by_epsilon(rows: pd.DataFrame) -> pd.DataFrame:
     table = table[sorted(table.columns)]
     table.columns = [_eps_label(c) for c in table.columns]
     return table
+
+
+def _results_table(rows: pd.DataFrame, private: str) -> str:
+    """The headline table: init x epsilon mean AUROC [95% CI] on the private test split, with epsilon spent."""
+    table = _init_by_epsilon(rows)
+    spent = rows.groupby("epsilon")["epsilon_spent"].max()
+    note = ", ".join(f"{_eps_label(eps)}: {float(value):.3f}" for eps, value in spent.items() if math.isfinite(eps))
+    return (f"Mean AUROC [95% bootstrap CI] on the {private} test split, by initialization and target ε "
+            f"(δ = 1e-5; ε spent {note}).\n\n{table.to_markdown()}\n")
+
+
+def update_readme(params: Params, readme: Path = Path("README.md")) -> None:
+    """Replaces the results table between the README's markers with the report's (regenerated, never typed).
+
+    Raises:
+        StageError: no report yet, or the README lacks the markers.
+    """
+    table = Path(params.base.artifacts) / STAGE / RESULTS_TABLE
+    if not table.is_file():
+        raise StageError(f"{table} is missing: run the report stage first")
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise StageError(f"{readme} lacks the markers {start} ... {end}")
+    head, rest = text.split(start, 1)
+    readme.write_text(f"{head}{start}\n{table.read_text()}{end}{rest.split(end, 1)[1]}")
 
 
 def _drops(rows: pd.DataFrame, comparisons: pd.DataFrame, private: str) -> pd.DataFrame:
@@ -277,8 +306,13 @@ def _html(sections: list[tuple[str, str, pd.DataFrame]], threshold: str, out: Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m pipelines.report``."""
-    run_stage(STAGE, report, argv)
+    """``python -m pipelines.report`` builds the report; ``--update-readme`` copies its table into README.md."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--update-readme" in args:
+        args.remove("--update-readme")
+        run_stage(STAGE, update_readme, args)
+    else:
+        run_stage(STAGE, report, args)
 
 
 if __name__ == "__main__":

@@ -41,11 +41,15 @@ def git_commit() -> str:
 
 
 @contextmanager
-def stage_run(stage: str) -> Iterator[object]:
-    """Opens the MLflow run of a stage (attaching to the one ``mlflow run`` made, if any), tagged with lineage.
+def stage_run(stage: str, name: str | None = None) -> Iterator[object]:
+    """Opens the MLflow run of a stage, tagged with lineage.
+
+    Inside ``mlflow run`` it attaches to the run MLflow made (``MLFLOW_RUN_ID``); inside another active run (the
+    ``main`` entry point's) it is a child run; otherwise a new run in the ``dp-cxr`` experiment.
 
     Args:
-        stage: the stage name, which is also the run name.
+        stage: the stage name (the ``dp_cxr.stage`` tag).
+        name: the run name (default: the stage name; grid cells use ``train@<cell>``).
 
     Yields:
         The active ``mlflow.ActiveRun``.
@@ -53,8 +57,21 @@ def stage_run(stage: str) -> Iterator[object]:
     import mlflow  # slow to import; only stages that log pay for it
 
     mlflow.set_tracking_uri(tracking_uri())
-    if "MLFLOW_RUN_ID" not in os.environ:
+    parent = mlflow.active_run()
+    if parent is None and "MLFLOW_RUN_ID" not in os.environ:
         mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
-    with mlflow.start_run(run_name=stage) as run:
+    extra = {"nested": True, "experiment_id": parent.info.experiment_id} if parent else {}
+    with mlflow.start_run(run_name=name or stage, **extra) as run:
         mlflow.set_tags({"dp_cxr.stage": stage, "git_commit": git_commit(), "data_version": data_version()})
         yield run
+
+def cell_run_id(cell: str) -> str | None:
+    """The newest MLflow run that trained grid cell ``cell`` (tag ``dp_cxr.cell``), in any experiment."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    experiments = [x.experiment_id for x in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`dp_cxr.cell` = '{cell}'", order_by=["attributes.start_time DESC"],
+                              max_results=1)
+    return runs[0].info.run_id if runs else None

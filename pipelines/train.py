@@ -336,7 +336,7 @@ def _log(params: Params, record: PrivacyRecord, state: dict[str, object], out: P
     """Aggregates and privacy parameters only: no per-example data reaches MLflow."""
     import mlflow
 
-    with stage_run(STAGE):
+    with stage_run(STAGE, name=f"{STAGE}@{out.name}"):
         mlflow.set_tag("dp_cxr.cell", out.name)
         mlflow.set_tags({"init_strategy": record.init.get("strategy", ""), "init_source": record.init.get("source", ""),
                          "prepare_digest": record.prepare_digest, "privacy_unit": record.unit})

@@ -13,6 +13,19 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+def tiny(params: dict) -> None:
+    """Edits raw params.yaml content to the study at a tiny scale: a few hundred 32 px images, one epoch per
+    model, two epsilons, 50 resamples."""
+    # A few hundred images cannot meet the default subgroup thresholds: relax those the tiny set misses.
+    params["validate"].update(min_test_age_bin_count=0, min_prevalence=0.0, max_prevalence=1.0)
+    params["base"]["image_size"] = 32
+    params["pretrain"].update(epochs=1, batch=32)
+    params["train"].update(epochs=1, logical_batch=32, physical_batch=32, self_check_images=2)
+    params["grid"].update(inits=["scratch", "domain"], epsilons=[8, "inf"])
+    params["evaluate"].update(resamples=50, min_subgroup_positives=3)
+    params["register"].update(aliases={"champion": 8, "non-private-baseline": "inf"}, private_aliases=["champion"])
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_tool_state(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Points MLflow, DVC, BentoML and Great Expectations at a temp folder, so tests leave nothing behind."""

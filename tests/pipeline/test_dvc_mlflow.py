@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.conftest import tiny
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PROJECT_FILES = (".gitignore", "dvc.yaml", "params.yaml", "MLproject", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
@@ -26,17 +28,6 @@ def run(*args: str, cwd: Path) -> str:
 def digest(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".gitignore"}
-
-
-def tiny(params: dict) -> None:
-    """The study at a tiny scale: a few hundred 32 px images, one epoch per model, two epsilons, 50 resamples."""
-    # A few hundred images cannot meet the default subgroup thresholds: relax those the tiny set misses.
-    params["validate"].update(min_test_age_bin_count=0, min_prevalence=0.0, max_prevalence=1.0)
-    params["base"]["image_size"] = 32
-    params["pretrain"].update(epochs=1, batch=32)
-    params["train"].update(epochs=1, logical_batch=32, physical_batch=32, self_check_images=2)
-    params["grid"].update(inits=["scratch", "domain"], epsilons=[8, "inf"])
-    params["evaluate"].update(resamples=50, min_subgroup_positives=3)
 
 
 @pytest.fixture

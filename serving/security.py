@@ -1,0 +1,126 @@
+"""ASGI middleware of the inference API: the request-size limit, optional bearer-token auth, JSON error bodies.
+
+The first two answer in JSON before the request reaches BentoML: 413 for a body over the limit (checked on the
+declared length and again while the body streams in, so a chunked upload cannot slip past), 401 for a missing
+or wrong token. The token is compared in constant time; health checks stay open for orchestrators.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+from collections.abc import Awaitable, Callable
+
+HEALTH_PATHS = frozenset({"/healthz", "/livez", "/readyz"})
+Scope = dict
+Receive = Callable[[], Awaitable[dict]]
+Send = Callable[[dict], Awaitable[None]]
+
+
+async def _reply(send: Send, status: int, message: str, headers: tuple = ()) -> None:
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class BodyTooLarge(Exception):
+    """A streamed request body passed the limit."""
+
+
+class BodyLimit:
+    """Refuses request bodies above ``max_bytes`` with 413."""
+
+    def __init__(self, app: Callable, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Passes the request on, or answers 413 when its body is (or turns out to be) too large."""
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        too_large = f"request body exceeds the {self.max_bytes} byte limit; send a smaller image"
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await _reply(send, 413, too_large)
+        seen = 0
+        started = False
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise BodyTooLarge
+            return message
+
+        async def tracking_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except BodyTooLarge:
+            if not started:
+                await _reply(send, 413, too_large)
+
+
+class BearerAuth:
+    """Requires ``Authorization: Bearer <token>`` on every route but the health checks, when a token is set.
+
+    The token is read from the environment variable ``token_env`` at start-up; unset or empty disables auth.
+    """
+
+    def __init__(self, app: Callable, token_env: str) -> None:
+        self.app = app
+        self.token = os.environ.get(token_env, "").encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Passes the request on, or answers 401 without the right token."""
+        if scope["type"] != "http" or not self.token or scope["path"] in HEALTH_PATHS:
+            return await self.app(scope, receive, send)
+        header = dict(scope.get("headers", [])).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self.token):
+            return await _reply(send, 401, "missing or invalid bearer token", ((b"www-authenticate", b"Bearer"),))
+        return await self.app(scope, receive, send)
+
+
+class JsonErrors:
+    """Gives every 4xx answer the body ``{"error": message}`` (BentoML 1.4.40 wraps its own in a one-item list)."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Passes the request on and unwraps list-shaped 4xx error bodies."""
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        held: dict | None = None
+
+        async def unwrapping_send(message: dict) -> None:
+            nonlocal held
+            if message["type"] == "http.response.start" and 400 <= message["status"] < 500:
+                held = message              # wait for the body: its length may change
+                return
+            if held is not None and message["type"] == "http.response.body" and not message.get("more_body"):
+                body = message.get("body", b"")
+                try:
+                    data = json.loads(body)
+                except ValueError:
+                    data = None
+                if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict):
+                    body = json.dumps(data[0]).encode()
+                headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
+                await send({**held, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+                held = None
+                return await send({**message, "body": body})
+            if held is not None:            # a streamed 4xx body: pass it on as it is
+                await send(held)
+                held = None
+            await send(message)
+
+        await self.app(scope, receive, unwrapping_send)

@@ -1,0 +1,108 @@
+"""The DP-CXR inference API: a BentoML service around one registered classifier.
+
+    python -m serving.model_store                                  # registry alias -> BentoML model store
+    bentoml serve serving.service:CXRClassifier --host 127.0.0.1 --port 3000
+
+Routes (all POST): ``/predict`` (one PNG, JPEG or DICOM upload, field ``image``), ``/predict_batch`` (a list,
+field ``images``; adaptive batching merges concurrent calls), ``/privacy``; BentoML's ``/healthz``,
+``/livez``, ``/readyz`` and ``/metrics`` stay. Every answer carries the model's privacy guarantee. Images are
+decoded and preprocessed by the training code (``models.preprocessing``), so probabilities equal the offline
+model's. Bad input is a 4xx JSON error; images and DICOM tags are never logged. The configuration is
+``params.yaml`` (``serve``, ``register``), or the file named by ``DP_CXR_PARAMS``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from http import HTTPStatus
+from pathlib import Path
+
+import bentoml
+import numpy as np
+import torch
+from bentoml.exceptions import BentoMLException, InvalidArgument
+
+from models.convnext import predict
+from models.preprocessing import ImageDecodeError, decode_bytes, preprocess
+from models.weights import load_model
+from pipelines.config import load_params
+from serving.model_store import bento_model_name
+from serving.security import BearerAuth, BodyLimit, JsonErrors
+
+PARAMS = load_params(Path(os.environ.get("DP_CXR_PARAMS", "params.yaml")))
+
+
+class UnsupportedImage(BentoMLException):
+    """An upload in a format the API does not open (415)."""
+
+    error_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
+
+
+@bentoml.service(traffic={"timeout": 60, "max_concurrency": 128}, workers=1)
+class CXRClassifier:
+    """Chest X-ray multi-label classifier trained with differential privacy."""
+
+    bento_model = bentoml.models.BentoModel(f"{bento_model_name(PARAMS.serve.alias)}:latest")
+
+    def __init__(self) -> None:
+        self.model, self.spec = load_model(Path(self.bento_model.path))
+        self.model.eval()
+        tags = self.bento_model.info.metadata["tags"]
+        labels = self.bento_model.info.labels
+        self.thresholds = json.loads(tags["thresholds"])
+        self.identity = {"name": labels["registered_model"], "version": labels["registered_version"],
+                         "alias": labels["alias"], "bento_model": str(self.bento_model.tag)}
+        self.guarantee = {key.removeprefix("privacy."): value for key, value in tags.items()
+                          if key.startswith("privacy.")}
+        self.guarantee["training_data_version"] = tags["data_version"]
+        self.card = {key: tags[key] for key in ("init", "model_size", "image_size", "test_site", "test_mean_auroc",
+                                                "test_mean_auroc_ci95", "threshold_rule", "fairness.sex_spd_auroc",
+                                                "fairness.largest_age_spd_auroc", "git_commit", "train_run_id")}
+        self.card["model_card"] = Path(self.bento_model.path_of("model_card.md")).read_text()
+
+    @bentoml.api
+    def predict(self, image: Path) -> dict:
+        """One image -> per-label probability, decision at the stored threshold, model and privacy guarantee."""
+        return self._answer(self._scores(np.stack([self._prepare(image)]))[0])
+
+    @bentoml.api(batchable=True, max_batch_size=PARAMS.serve.max_batch_size, max_latency_ms=PARAMS.serve.max_latency_ms)
+    def predict_batch(self, images: list[Path]) -> list[dict]:
+        """A list of images -> one answer each; an unusable image gets an ``error`` entry, the others their answer."""
+        prepared, answers = [], []
+        for path in images:
+            try:
+                prepared.append(self._prepare(path))
+                answers.append(None)
+            except (InvalidArgument, UnsupportedImage) as error:
+                answers.append({"error": str(error), "model": self.identity, "privacy": self.guarantee})
+        scores = iter(self._scores(np.stack(prepared)) if prepared else [])
+        return [answer if answer is not None else self._answer(next(scores)) for answer in answers]
+
+    @bentoml.api
+    def privacy(self) -> dict:
+        """The model's privacy guarantee and model card fields."""
+        return {"model": self.identity, "privacy": self.guarantee, "card": self.card}
+
+    def _prepare(self, path: Path) -> np.ndarray:
+        try:
+            return preprocess(decode_bytes(Path(path).read_bytes(), untrusted=True), self.spec.image_size)
+        except ImageDecodeError as error:
+            if str(error).startswith(("unsupported", "not a PNG")):
+                raise UnsupportedImage(str(error)) from None
+            raise InvalidArgument(str(error)) from None
+
+    def _scores(self, images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return predict(self.model, images)
+
+    def _answer(self, scores: np.ndarray) -> dict:
+        probabilities = {label: float(p) for label, p in zip(self.spec.labels, scores, strict=True)}
+        return {"probabilities": probabilities,
+                "decisions": {label: p >= self.thresholds[label] for label, p in probabilities.items()},
+                "thresholds": self.thresholds, "model": self.identity, "privacy": self.guarantee}
+
+
+CXRClassifier.add_asgi_middleware(JsonErrors)
+CXRClassifier.add_asgi_middleware(BodyLimit, max_bytes=PARAMS.serve.max_request_bytes)
+CXRClassifier.add_asgi_middleware(BearerAuth, token_env=PARAMS.serve.token_env)
