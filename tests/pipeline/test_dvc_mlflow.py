@@ -82,12 +82,58 @@ def test_repro_then_push_and_pull_round_trip(project):
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     assert "prepare" in run(dvc, "status", cwd=project)
     params["prepare"]["val_fraction"] = 0.15
-    # A changed epsilon adds its cells and reruns what reads the grid, nothing else.
-    params["grid"]["epsilons"] = [3, "inf"]
+    # A new epsilon adds its cells and reruns what reads the grid, nothing else.
+    params["grid"]["epsilons"] = [3, 8, "inf"]
     (project / "params.yaml").write_text(yaml.safe_dump(params))
     status = run(dvc, "status", cwd=project).splitlines()
     stale = {line[:-1] for line in status if line.endswith(":") and not line.startswith(("\t", " "))}
-    assert stale == {"train@scratch-3-atto-1.0-0", "train@domain-3-atto-1.0-0", "evaluate", "report"}
+    assert stale == {"train@scratch-3-atto-1.0-0", "train@domain-3-atto-1.0-0", "evaluate", "report", "register"}
+
+
+def _registered_model_agrees_with_the_report(project: Path) -> None:
+    """The champion alias names the ε = 8 model with the best val AUROC; its tags match evaluate and report."""
+    import json
+
+    import mlflow
+    import pandas as pd
+
+    from pipelines.registry import get_version
+
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    champion = get_version("dp-cxr-classifier", "champion")
+    registered = json.loads((project / "artifacts/register/registered.json").read_text())
+    assert champion.version in [r["version"] for r in registered if r["epsilon"] == 8]
+    assert champion.tags["cell"].split("_")[1] == "eps8"
+    results = pd.read_csv(project / "artifacts/evaluate/results.csv")
+    row = results[(results["cell"] == champion.tags["cell"]) & (results["site"] == "synthetic-uka-cxr-inhouse")
+                  & (results["metric"] == "auroc") & (results["label"] == "mean")].iloc[0]
+    assert champion.tags["test_mean_auroc"] == f"{row['value']:.4f}"
+    table = (project / "artifacts/report/results_table.md").read_text()
+    assert f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]" in table
+    privacy = json.loads((project / "artifacts/train" / champion.tags["cell"] / "privacy.json").read_text())
+    assert champion.tags["privacy.epsilon"] == f"{privacy['epsilon']:.4f}"
+    assert get_version("dp-cxr-classifier", "non-private-baseline").tags["privacy.epsilon"] == "inf"
+
+
+def test_mlflow_run_main_runs_the_study_as_one_parent_run(project):
+    import mlflow
+
+    run(str(BIN / "mlflow"), "run", ".", "--env-manager", "local", "--experiment-name", "study-test",
+        "-P", "overrides=prepare.workers=1", cwd=project)
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["study-test"], output_format="list")
+    parent = next(r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "main")
+    assert parent.info.status == "FINISHED" and parent.data.params["overrides"] == "prepare.workers=1"
+    children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert {"prepare", "validate", "pretrain", "evaluate", "report", "register"} <= children
+    assert {f"train@{c}" for c in ("scratch_eps8_atto_f1_s0", "scratch_epsinf_atto_f1_s0", "domain_eps8_atto_f1_s0",
+                                   "domain_epsinf_atto_f1_s0")} <= children
+    domain = next(r for r in runs if r.info.run_name == "train@domain_eps8_atto_f1_s0")
+    privacy = yaml.safe_load((project / "artifacts/train/domain_eps8_atto_f1_s0/privacy.json").read_text())
+    assert privacy["init"]["strategy"] == "domain" and privacy["init"]["pretrain_run_id"]
+    assert domain.data.tags["init_strategy"] == "domain"
+    assert "grid.epsilons" in parent.data.params
+    _registered_model_agrees_with_the_report(project)
 
 
 def test_mlflow_run_entry_point(project):
