@@ -194,8 +194,7 @@ def _row(metric: str, label: str, value: float, resampled: np.ndarray, e: object
 
 def subgroups(meta: pd.DataFrame) -> dict[tuple[str, str], np.ndarray]:
     """Masks of the fairness subgroups: sex, age bin, and sex x age bin (unknown sex or age belongs to none)."""
-    sex = meta["sex"].astype(object).where(meta["sex"].notna(), None).to_numpy()
-    age = age_bin(meta["age"].astype(float)).to_numpy()
+    sex, age = _feature(meta, "sex"), _feature(meta, "age")
     groups = {("sex", s): sex == s for s in ("F", "M")}
     groups |= {("age", a): age == a for a in AGE_BIN_NAMES}
     groups |= {("sex_x_age", f"{s} {a}"): (sex == s) & (age == a) for s in ("F", "M") for a in AGE_BIN_NAMES}
@@ -257,8 +256,9 @@ def _label_mean(aurocs: np.ndarray) -> np.ndarray:
 
 
 def _feature(meta: pd.DataFrame, attribute: str) -> np.ndarray:
+    """Each image's sex (F, M) or age bin, None/NaN when unknown."""
     if attribute == "sex":
-        return meta["sex"].astype(object).to_numpy()
+        return meta["sex"].astype(object).where(meta["sex"].notna(), None).to_numpy()
     return age_bin(meta["age"].astype(float)).to_numpy()
 
 
