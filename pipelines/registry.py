@@ -7,10 +7,13 @@ for private models, the privacy record.
 
 from __future__ import annotations
 
+import json
 import tempfile
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+
+import numpy as np
 
 from models.weights import SPEC, WEIGHTS
 
@@ -54,19 +57,15 @@ def register(folder: Path, name: str, tags: dict[str, object], aliases: list[str
     """
     import mlflow
     from mlflow import MlflowClient
+    from mlflow.models import infer_signature
 
     for file in (WEIGHTS, SPEC):
         if not (folder / file).is_file():
             raise FileNotFoundError(f"{folder / file} is missing: nothing to register")
-    import json
-
-    import numpy as np
-    from mlflow.models import infer_signature
-
-    side = json.loads((folder / SPEC).read_text())["image_size"]
-    labels = json.loads((folder / SPEC).read_text())["labels"]
+    spec = json.loads((folder / SPEC).read_text())
+    side = spec["image_size"]
     # Preprocessed uint8 images (N, S, S) in, probabilities (N, L) out: MLflow checks inputs against it.
-    signature = infer_signature(np.zeros((1, side, side), np.uint8), np.zeros((1, len(labels)), np.float32))
+    signature = infer_signature(np.zeros((1, side, side), np.uint8), np.zeros((1, len(spec["labels"])), np.float32))
     artifacts = {"weights": str(folder / WEIGHTS), "spec": str(folder / SPEC)}
     artifacts |= {key: str(path) for key, path in (extra_artifacts or {}).items()}
     info = mlflow.pyfunc.log_model(

@@ -339,6 +339,7 @@ def _log(params: Params, record: PrivacyRecord, state: dict[str, object], out: P
     with stage_run(STAGE, name=f"{STAGE}@{out.name}"):
         mlflow.set_tag("dp_cxr.cell", out.name)
         mlflow.set_tags({"init_strategy": record.init.get("strategy", ""), "init_source": record.init.get("source", ""),
+                         "pretrain_run_id": record.init.get("pretrain_run_id", ""),
                          "prepare_digest": record.prepare_digest, "privacy_unit": record.unit})
         mlflow.log_params(_flatten(asdict(params)))
         for row in state["history"]:

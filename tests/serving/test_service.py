@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import pydicom
 import pytest
 import yaml
@@ -25,6 +26,7 @@ from pipelines.evaluate import evaluate
 from pipelines.prepare import prepare
 from pipelines.register import register_models
 from pipelines.registry import get_version
+from pipelines.report import report
 from pipelines.train import train
 from serving.launch import running_server
 from serving.model_store import import_registered
@@ -35,12 +37,13 @@ TOKEN = "s3cret-token-for-tests"
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory, tiny_data):
-    """prepare -> train (scratch at epsilon 8 and inf) -> evaluate -> register on the tiny data, then the import."""
+    """prepare -> train (scratch at epsilon 8 and inf, half and all the data) -> evaluate -> report -> register on the
+    tiny data, then the import into the BentoML store."""
     root = tmp_path_factory.mktemp("served")
     os.symlink(tiny_data, root / "data")
     raw = yaml.safe_load(Path("params.yaml").read_text())
     tiny(raw)
-    raw["grid"]["inits"] = ["scratch"]
+    raw["grid"].update(inits=["scratch"], data_fractions=[0.5, 1.0])   # with a data-scale sweep
     (root / "params.yaml").write_text(yaml.safe_dump(raw))
     cwd = Path.cwd()
     os.chdir(root)
@@ -50,6 +53,7 @@ def study(tmp_path_factory, tiny_data):
         for cell in params.grid_cells():
             train(dataclasses.replace(params, train=cell))
         evaluate(params)
+        report(params)
         register_models(params)
         import_registered(params)
     finally:
@@ -68,6 +72,14 @@ def server(study):
 def auth_server(study):
     with running_server(study[0] / "params.yaml", study[0] / "server-auth.log", token=TOKEN) as url:
         yield url
+
+
+def test_the_report_shows_the_data_scale_sweep(study):
+    folder = study[0] / "artifacts/report"
+    assert (folder / "data_fraction_sweep.png").is_file() and not (folder / "model_sweep.png").exists()
+    sweep = pd.read_csv(folder / "data_fraction_sweep.csv", index_col=[0, 1])
+    assert list(sweep.columns) == ["0.5", "1.0"] and len(sweep) == 2     # (scratch, 8) and (scratch, inf)
+    assert "Data scale" in (folder / "report.md").read_text()
 
 
 def _test_image(study, site="synthetic-uka-cxr-inhouse"):
