@@ -103,14 +103,14 @@ def _decode_dicom(data: bytes, untrusted: bool = False) -> np.ndarray:
                                "re-export the file without a preamble")
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
-        if untrusted and str(ds.get("SOPClassUID", "")) not in RADIOGRAPH_SOP_CLASSES:
-            raise ImageDecodeError(f"DICOM SOP class {ds.get('SOPClassUID', 'missing')} is not a radiograph "
-                                   f"(CR, DX or secondary capture)")
-        rows, columns = int(ds.Rows), int(ds.Columns)
+        sop_class = str(ds.get("SOPClassUID", "missing"))
+        rows, columns = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError) as error:
-        if isinstance(error, ImageDecodeError):
-            raise
         raise ImageDecodeError(f"not a readable DICOM image: {error}") from error
+    if untrusted and sop_class not in RADIOGRAPH_SOP_CLASSES:
+        raise ImageDecodeError(f"DICOM SOP class {sop_class} is not a radiograph (CR, DX or secondary capture)")
+    if not rows or not columns:
+        raise ImageDecodeError("not a readable DICOM image: it has no image dimensions (Rows, Columns)")
     if rows * columns > MAX_PIXELS:
         raise ImageDecodeError(f"DICOM of {columns}x{rows} pixels exceeds the {MAX_PIXELS} pixel limit")
     try:

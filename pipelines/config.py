@@ -204,6 +204,10 @@ class Pretrain:
     alias: str
 
 
+GRID_KNOBS = ("init", "epsilon", "model", "data_fraction", "seed")   # the train fields a grid cell varies
+CELL = "cell.json"   # written by train into each cell folder: its knobs, which evaluate matches against the grid
+
+
 @dataclass(frozen=True)
 class Grid:
     """The study's matrix: every combination is one train cell (dvc.yaml's train stage, MLproject ``main``).

@@ -31,7 +31,7 @@ import pandas as pd
 from models.convnext import predict
 from models.weights import load_model
 from pipelines.atomic import atomic_folder
-from pipelines.config import Params, Train
+from pipelines.config import CELL, GRID_KNOBS, Params, Train
 from pipelines.data.schema import AGE_BIN_NAMES, LABELS, age_bin
 from pipelines.data.store import open_site
 from pipelines.metrics import (
@@ -46,7 +46,6 @@ from pipelines.metrics import (
 )
 from pipelines.stage import StageError, run_stage
 from pipelines.tracking import cell_run_id, stage_run
-from pipelines.train import CELL, GRID_KNOBS
 
 STAGE = "evaluate"
 METRICS = "metrics.json"
@@ -116,37 +115,35 @@ def evaluate(params: Params) -> dict[str, object]:
     sites = [private] + [name for name, site in params.data.sites.items() if site.role == "external"]
     stores = {site: open_site(prepared / site) for site in sites}
     val_rows, val_meta = stores[private].split("val")
-    results, fairness, per_resample = [], [], {}
+    val_images, val_labels = np.asarray(stores[private].images[val_rows]), val_meta[list(LABELS)].to_numpy()
+    tests = {site: stores[site].split("test") for site in sites}
+    results, fairness, per_resample, scores, thresholds = [], [], {}, {}, {}
     with atomic_folder(Path(params.base.artifacts) / STAGE) as out:
-        thresholds = {}
         for cell in cells:
             model, _ = load_model(cell.folder)
-            val_scores = predict(model, np.asarray(stores[private].images[val_rows]))
-            val_labels = val_meta[list(LABELS)].to_numpy()
-            thresholds[cell.name] = [float(youden_threshold(val_labels[:, k], val_scores[:, k])[0])
-                                     for k in range(len(LABELS))]
-            for site in sites:
-                rows, _ = stores[site].split("test")
-                scores = predict(model, np.asarray(stores[site].images[rows]))
+            val_scores = predict(model, val_images)
+            thresholds[cell.name] = np.array([youden_threshold(val_labels[:, k], val_scores[:, k])[0]
+                                              for k in range(len(LABELS))])
+            for site, (rows, _) in tests.items():
+                scores[cell.name, site] = predict(model, np.asarray(stores[site].images[rows]))
                 (out / "predictions" / site).mkdir(parents=True, exist_ok=True)
-                np.save(out / "predictions" / site / f"{cell.name}.npy", scores)
+                np.save(out / "predictions" / site / f"{cell.name}.npy", scores[cell.name, site])
             print(f"evaluate: predicted {cell.name} on {len(sites)} sites", file=sys.stderr)
-        (out / "thresholds.json").write_text(json.dumps({"mode": e.threshold, "chosen_on": f"{private} val",
-                                                         "labels": list(LABELS), "cells": thresholds}, indent=2))
-        for site in sites:
-            _, meta = stores[site].split("test")
+        (out / "thresholds.json").write_text(json.dumps(
+            {"mode": e.threshold, "chosen_on": f"{private} val", "labels": list(LABELS),
+             "cells": {name: chosen.tolist() for name, chosen in thresholds.items()}}, indent=2))
+        (out / "bootstrap").mkdir()
+        for site, (_, meta) in tests.items():
             labels = meta[list(LABELS)].to_numpy()
             indices = bootstrap_indices(len(meta), e.resamples, _site_seed(e.seed, site))
-            (out / "bootstrap").mkdir(exist_ok=True)
             np.save(out / "bootstrap" / f"{site}.npy", indices)
             counts = resample_counts(indices, len(meta))
             for cell in cells:
-                scores = np.load(out / "predictions" / site / f"{cell.name}.npy")
-                rows, curve = _site_metrics(labels, scores, np.array(thresholds[cell.name]), counts, e)
+                cell_scores, chosen = scores[cell.name, site], thresholds[cell.name]
+                rows, per_resample[cell.name, site] = _site_metrics(labels, cell_scores, chosen, counts, e)
                 results += [{**cell.describe(), "site": site, **row} for row in rows]
-                per_resample[cell.name, site] = curve
                 fairness += [{**cell.describe(), "site": site, **row}
-                             for row in _fairness(meta, labels, scores, np.array(thresholds[cell.name]), counts, e)]
+                             for row in _fairness(meta, labels, cell_scores, chosen, counts, e)]
             print(f"evaluate: {site}: {len(meta)} test images, {e.resamples} resamples", file=sys.stderr)
         results, fairness = pd.DataFrame(results), pd.DataFrame(fairness)
         comparisons = pd.DataFrame(_comparisons(cells, sites, per_resample))
@@ -213,7 +210,7 @@ def _fairness(meta: pd.DataFrame, labels: np.ndarray, scores: np.ndarray, thresh
         if n == 0:
             continue
         g_labels, g_scores, g_counts = labels[mask], scores[mask], counts[:, mask]
-        point = auroc_matrix(g_labels, g_scores)[0]
+        point = _label_mean(auroc_matrix(g_labels, g_scores))[0]
         curve = _label_mean(auroc_matrix(g_labels, g_scores, g_counts))
         low, high = percentile_ci(curve, e.confidence)
         sick = mask & (labels[:, NO_FINDING] == 0)
@@ -222,10 +219,10 @@ def _fairness(meta: pd.DataFrame, labels: np.ndarray, scores: np.ndarray, thresh
         acc = float(np.mean(predicted[mask] == labels[mask].astype(bool)))
         rows.append({"attribute": attribute, "group": group, "n": n, "min_positives": int(positives.min()),
                      "flagged": bool(positives.min() < e.min_subgroup_positives),
-                     "mean_auroc": _label_mean(point[None])[0],
+                     "mean_auroc": point,
                      "ci_low": low, "ci_high": high, "accuracy": acc, "underdiagnosis_rate": under,
                      "with_finding": int(sick.sum())})
-        auroc_curves[attribute, group], auroc_points[attribute, group] = curve, _label_mean(point[None])[0]
+        auroc_curves[attribute, group], auroc_points[attribute, group] = curve, point
         accuracy[attribute, group], sizes[attribute, group] = acc, n
     for attribute in ("sex", "age"):
         members = [g for a, g in auroc_curves if a == attribute]
@@ -239,8 +236,7 @@ def _fairness(meta: pd.DataFrame, labels: np.ndarray, scores: np.ndarray, thresh
                              for k in range(len(LABELS))])) if len(set(_feature(meta, attribute)[known])) > 1 \
             else math.nan
         for group in targets:
-            spd_curve = np.array([parity_difference({g: auroc_curves[attribute, g][b] for g in members}, size, group)
-                                  for b in range(len(counts))])
+            spd_curve = parity_difference({g: auroc_curves[attribute, g] for g in members}, size, group)
             low, high = percentile_ci(spd_curve, e.confidence)
             rows.append({"attribute": f"{attribute}_gap", "group": group, "n": size.get(group, 0),
                          "spd_auroc": parity_difference(point_auroc, size, group), "spd_auroc_ci_low": low,
@@ -299,17 +295,16 @@ def _cross_site(results: pd.DataFrame) -> pd.DataFrame:
 
 def _dvc_metrics(cells: list[Cell], results: pd.DataFrame, private: str) -> dict[str, object]:
     """One compact entry per cell (``dvc metrics show``/``dvc exp show``): epsilon and private test mean AUROC."""
-    mean = results[(results["metric"] == "auroc") & (results["label"] == "mean")].set_index(["cell", "site"])
+    mean = results[(results["metric"] == "auroc") & (results["label"] == "mean")]
     out = {}
     for cell in cells:
-        row = mean.loc[(cell.name, private)]
-        eps = cell.privacy["epsilon"]
-        out[cell.name] = {"epsilon": eps if isinstance(eps, (int, float)) and math.isfinite(eps) else None,
-                          "test_mean_auroc": round(float(row["value"]), 4),
-                          "ci_low": round(float(row["ci_low"]), 4), "ci_high": round(float(row["ci_high"]), 4),
-                          "external_mean_auroc": round(float(mean.xs(cell.name, level="cell").drop(private)["value"]
-                                                             .mean()), 4) if len(mean.xs(cell.name, level="cell")) > 1
-                          else None}
+        rows = mean[mean["cell"] == cell.name].set_index("site")
+        own, external = rows.loc[private], rows.drop(private)["value"]
+        eps = float(cell.privacy["epsilon"])
+        out[cell.name] = {"epsilon": eps if math.isfinite(eps) else None,
+                          "test_mean_auroc": round(float(own["value"]), 4),
+                          "ci_low": round(float(own["ci_low"]), 4), "ci_high": round(float(own["ci_high"]), 4),
+                          "external_mean_auroc": round(float(external.mean()), 4) if len(external) else None}
     return out
 
 

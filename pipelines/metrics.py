@@ -164,19 +164,28 @@ def paired_p_value(better: np.ndarray, worse: np.ndarray) -> float:
     return float(np.mean(better[ok] <= worse[ok])) if ok.any() else float("nan")
 
 
-def parity_difference(metric: dict[str, float], sizes: dict[str, int], group: str) -> float:
+def parity_difference(metric: dict[str, float | np.ndarray], sizes: dict[str, int],
+                      group: str) -> float | np.ndarray:
     """The study's statistical parity difference of one group's metric against the others.
 
     With two groups it is metric(group) - metric(other) (female minus male for sex); with more, the group's
-    metric minus the size-weighted mean of the other groups' metric (the age groups).
+    metric minus the size-weighted mean of the other groups' metric (the age groups). Works elementwise on
+    arrays (one value per resample); a group whose metric is undefined (NaN) is left out of the mean.
 
     Args:
-        metric: the metric per group.
+        metric: the metric per group: a number, or an array per group (all the same shape).
         sizes: the group sizes.
         group: the group to compare.
     """
-    others = [g for g in metric if g != group and np.isfinite(metric[g]) and sizes.get(g, 0) > 0]
-    if not others or not np.isfinite(metric[group]):
-        return float("nan")
-    weights = np.array([sizes[g] for g in others], dtype=np.float64)
-    return float(metric[group] - np.average([metric[g] for g in others], weights=weights))
+    others = [g for g in metric if g != group and sizes.get(g, 0) > 0]
+    target = np.asarray(metric[group], dtype=np.float64)
+    if not others:
+        return float("nan") if target.ndim == 0 else np.full(target.shape, np.nan)
+    values = np.stack([np.asarray(metric[g], dtype=np.float64) for g in others])
+    weights = np.array([sizes[g] for g in others], dtype=np.float64).reshape(-1, *[1] * target.ndim)
+    defined = np.isfinite(values)
+    total = (weights * defined).sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        difference = np.where(total > 0, target - (weights * np.where(defined, values, 0)).sum(axis=0) / total,
+                              np.nan)
+    return float(difference) if difference.ndim == 0 else difference

@@ -33,7 +33,7 @@ from pipelines.data.datasets import ImageDataset
 from pipelines.data.schema import LABELS
 from pipelines.data.store import SiteStore, open_site
 from pipelines.metrics import mean_auroc
-from pipelines.stage import StageError, run_stage
+from pipelines.stage import StageError, pop_flag, run_stage
 from pipelines.tracking import data_version, stage_run
 
 STAGE = "pretrain"
@@ -112,7 +112,7 @@ def _pretrain_size(params: Params, store: SiteStore, site: str, size: str, resum
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     (out / "history.json").write_text(json.dumps(state["history"], indent=2))
     (out / SOURCE).write_text(json.dumps(source_manifest(store, site, params.data.sites[site].format)))
-    version = _register(params, size, out, metrics, spec)
+    version = _register(params, size, out, metrics, spec, state["history"])
     print(f"pretrain: {size}: best epoch {state['best_epoch']} (val mean AUROC {state['best_auroc']:.4f}, "
           f"{site} test {metrics['test_mean_auroc']:.4f}) -> {out}, registered {version.name} v{version.version} "
           f"@{p.alias}", file=sys.stderr)
@@ -135,7 +135,8 @@ def hash_id(patient_id: str) -> str:
     return hashlib.sha256(patient_id.encode()).hexdigest()
 
 
-def _register(params: Params, size: str, out: Path, metrics: dict[str, object], spec: ModelSpec) -> object:
+def _register(params: Params, size: str, out: Path, metrics: dict[str, object], spec: ModelSpec,
+              history: list[dict[str, float]]) -> object:
     import mlflow
 
     from pipelines.registry import register
@@ -144,7 +145,7 @@ def _register(params: Params, size: str, out: Path, metrics: dict[str, object], 
     with stage_run(STAGE):
         mlflow.set_tags({"dp_cxr.pretrain_size": size, "source_site": params.public_site()})
         mlflow.log_params({f"pretrain.{k}": v for k, v in vars(p).items() if k != "models"} | {"model": size})
-        for row in json.loads((out / "history.json").read_text()):
+        for row in history:
             mlflow.log_metrics({"train_loss": row["train_loss"], "val_mean_auroc": row["val_mean_auroc"]},
                                step=row["epoch"])
         mlflow.log_metrics(metrics)
@@ -159,9 +160,7 @@ def _register(params: Params, size: str, out: Path, metrics: dict[str, object], 
 def main(argv: list[str] | None = None) -> None:
     """``python -m pipelines.pretrain [--resume] [-P pretrain.epochs=4 ...]``."""
     args = list(sys.argv[1:] if argv is None else argv)
-    resume = "--resume" in args
-    if resume:
-        args.remove("--resume")
+    resume = pop_flag(args, "--resume")
     run_stage(STAGE, lambda params: pretrain(params, resume=resume), args)
 
 

@@ -8,7 +8,6 @@ for private models, the privacy record.
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -104,11 +103,14 @@ def get_version(name: str, version_or_alias: str) -> RegisteredVersion:
     return RegisteredVersion(mv.name, str(mv.version), mv.run_id, dict(mv.tags), f"models:/{mv.name}/{mv.version}")
 
 
-def download(registered: RegisteredVersion, into: Path | None = None) -> Path:
-    """Downloads a version's artifacts and returns the folder holding ``model.safetensors`` and ``spec.json``."""
+def download(registered: RegisteredVersion, into: Path) -> Path:
+    """Downloads a version's artifacts into ``into`` (the caller's, e.g. a temporary folder).
+
+    Returns:
+        The folder holding ``model.safetensors`` and ``spec.json``.
+    """
     import mlflow
 
-    into = into or Path(tempfile.mkdtemp(prefix="dp-cxr-model-"))
     root = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered.model_uri, dst_path=str(into)))
     return root / "artifacts"
 

@@ -28,14 +28,12 @@ from pipelines.atomic import atomic_folder  # noqa: E402
 from pipelines.config import Params  # noqa: E402
 from pipelines.data.schema import LABELS  # noqa: E402
 from pipelines.data.store import open_site  # noqa: E402
-from pipelines.stage import StageError, run_stage  # noqa: E402
+from pipelines.stage import StageError, pop_flag, run_stage  # noqa: E402
 from pipelines.tracking import stage_run  # noqa: E402
 
 STAGE = "report"
 RESULTS_TABLE = "results_table.md"   # what `make demo` prints and copies into README.md
 README_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
-FIGURES = ("auroc_vs_epsilon.png", "cross_site_heatmap.png", "roc_private_test.png", "fairness_vs_epsilon.png",
-           "epsilon_per_epoch.png")
 
 
 def report(params: Params) -> Path:
@@ -91,7 +89,8 @@ def report(params: Params) -> Path:
         import mlflow
 
         mlflow.log_artifacts(str(path.parent), artifact_path="report")
-    print(f"report: {path} (+ report.html, CSV tables and {len(FIGURES)} figures)", file=sys.stderr)
+    print(f"report: {path} (+ report.html, CSV tables and {len(list(path.parent.glob('*.png')))} figures)",
+          file=sys.stderr)
     return path
 
 
@@ -317,11 +316,7 @@ def _html(sections: list[tuple[str, str, pd.DataFrame]], threshold: str, out: Pa
 def main(argv: list[str] | None = None) -> None:
     """``python -m pipelines.report`` builds the report; ``--update-readme`` copies its table into README.md."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if "--update-readme" in args:
-        args.remove("--update-readme")
-        run_stage(STAGE, update_readme, args)
-    else:
-        run_stage(STAGE, report, args)
+    run_stage(STAGE, update_readme if pop_flag(args, "--update-readme") else report, args)
 
 
 if __name__ == "__main__":

@@ -35,3 +35,21 @@ def run_stage(name: str, work: Callable[[Params], object], argv: list[str] | Non
     except (ConfigError, StageError, FileNotFoundError) as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def pop_flag(args: list[str], flag: str) -> bool:
+    """Removes every ``flag`` from ``args`` (a stage's own switch, e.g. ``--resume``) and says whether it was there."""
+    found = flag in args
+    while flag in args:
+        args.remove(flag)
+    return found
+
+
+def pop_option(args: list[str], flag: str) -> str | None:
+    """Removes ``flag VALUE`` from ``args`` and returns the last value given (None when absent, "" when empty)."""
+    value = None
+    while flag in args:
+        at = args.index(flag)
+        value = args[at + 1] if at + 1 < len(args) else ""
+        del args[at:at + 2]
+    return value

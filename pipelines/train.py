@@ -21,6 +21,7 @@ import json
 import math
 import shutil
 import sys
+import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
@@ -37,21 +38,19 @@ from models.convnext import predict
 from models.initialization import Initialized, initialize
 from models.per_sample import TOLERANCE, max_relative_error
 from models.privacy import PrivacyRecord, StepLedger, cross_check, ends_logical_step, make_private
-from models.weights import ModelSpec, save_model
+from models.weights import ModelSpec, load_model, save_model
 from pipelines.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from pipelines.config import Params, Train
+from pipelines.config import CELL, GRID_KNOBS, Params, Train
 from pipelines.data.datasets import ImageDataset, PatientDataset
 from pipelines.data.schema import LABELS
 from pipelines.data.splits import patient_unit_interval
 from pipelines.data.store import METADATA, SiteStore, open_site
 from pipelines.metrics import mean_auroc
 from pipelines.pretrain import SOURCE, hash_id
-from pipelines.stage import StageError, run_stage
+from pipelines.stage import StageError, pop_flag, pop_option, run_stage
 from pipelines.tracking import data_version, stage_run
 
 STAGE = "train"
-CELL = "cell.json"    # the cell's grid knobs, which the evaluate stage matches against the grid
-GRID_KNOBS = ("init", "epsilon", "model", "data_fraction", "seed")
 # Opacus' hooks on the first layer (whose input needs no gradient) trigger this torch warning every step.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
@@ -177,26 +176,30 @@ def _initialize(params: Params, store: SiteStore) -> Initialized:
             raise StageError(str(error)) from error
     folder = t.init.removeprefix("domain").removeprefix(":")
     if folder:
-        folder, provenance = Path(folder), {"strategy": "domain", "source": folder}
-    else:
-        from pipelines.registry import download, get_version
+        return Initialized(_load_pretrained(Path(folder), params, store), {"strategy": "domain", "source": folder})
+    from pipelines.registry import download, get_version
 
-        name = f"{params.pretrain.registered_model}-{t.model}"
-        try:
-            registered = get_version(name, params.pretrain.alias)
-        except LookupError as error:
-            raise StageError(f"{error} (dvc repro pretrain, or mlflow run . -e pretrain)") from error
-        folder = download(registered)
-        provenance = {"strategy": "domain", "source": f"models:/{name}@{params.pretrain.alias}",
-                      "registered_model": name, "version": registered.version, "pretrain_run_id": registered.run_id,
-                      "pretrain_data_version": registered.tags.get("source_data_version", "")}
-    _refuse_overlap(folder / SOURCE, store, params.data.sites[params.private_site()].format)
-    model = initialize(f"checkpoint:{folder}", t.model, t.seed).model
-    spec = json.loads((folder / "spec.json").read_text())
-    if spec["image_size"] != params.base.image_size:
-        raise StageError(f"the pretrained model in {folder} was trained on {spec['image_size']} px images, this "
-                         f"run uses base.image_size={params.base.image_size}: pretrain at the same size")
+    name = f"{params.pretrain.registered_model}-{t.model}"
+    try:
+        registered = get_version(name, params.pretrain.alias)
+    except LookupError as error:
+        raise StageError(f"{error} (dvc repro pretrain, or mlflow run . -e pretrain)") from error
+    with tempfile.TemporaryDirectory(prefix="dp-cxr-pretrained-") as scratch:
+        model = _load_pretrained(download(registered, Path(scratch)), params, store)
+    provenance = {"strategy": "domain", "source": f"models:/{name}@{params.pretrain.alias}",
+                  "registered_model": name, "version": registered.version, "pretrain_run_id": registered.run_id,
+                  "pretrain_data_version": registered.tags.get("source_data_version", "")}
     return Initialized(model, provenance)
+
+
+def _load_pretrained(folder: Path, params: Params, store: SiteStore) -> nn.Module:
+    """The pretrain stage's model in ``folder``, once it is known to share no data with the private site."""
+    _refuse_overlap(folder / SOURCE, store, params.data.sites[params.private_site()].format)
+    model, spec = load_model(folder)
+    if (spec.size, spec.image_size) != (params.train.model, params.base.image_size):
+        raise StageError(f"the pretrained model in {folder} is convnext_{spec.size} at {spec.image_size} px; this cell "
+                         f"is convnext_{params.train.model} at {params.base.image_size} px: pretrain that size")
+    return model
 
 
 def _refuse_overlap(source: Path, store: SiteStore, format: str) -> None:
@@ -372,22 +375,11 @@ def main(argv: list[str] | None = None) -> None:
     The grid knobs have their own flags (an empty value keeps params.yaml's); any other key goes through -P.
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    resume = "--resume" in args
-    if resume:
-        args.remove("--resume")
-    cell = None
-    if "--cell" in args:
-        at = args.index("--cell")
-        cell = args[at + 1] if at + 1 < len(args) else None
-        del args[at:at + 2]
+    resume, cell = pop_flag(args, "--resume"), pop_option(args, "--cell")
     for knob in GRID_KNOBS:
-        flag = "--" + knob.replace("_", "-")
-        while flag in args:
-            at = args.index(flag)
-            value = args[at + 1] if at + 1 < len(args) else ""
-            del args[at:at + 2]
-            if value:
-                args += ["-P", f"train.{knob}={value}"]
+        value = pop_option(args, "--" + knob.replace("_", "-"))
+        if value:
+            args += ["-P", f"train.{knob}={value}"]
     run_stage(STAGE, lambda params: train(params, resume=resume, cell=cell), args)
 
 

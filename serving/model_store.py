@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from pipelines.config import Params, load_params
@@ -54,14 +55,14 @@ def import_registered(params: Params, alias: str | None = None) -> object:
         if existing.info.labels.get("registered_version") == registered.version and \
                 existing.info.labels.get("registered_model") == registered.name:
             return existing
-    folder = download(registered)
     labels = {"registered_model": registered.name, "registered_version": registered.version, "alias": alias,
               "private": str(registered.tags.get("privacy.epsilon") != "inf").lower()}
     metadata = {"tags": registered.tags, "model_uri": registered.model_uri, "run_id": registered.run_id}
-    with bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+    with tempfile.TemporaryDirectory(prefix="dp-cxr-import-") as scratch, \
+            bentoml.models.create(name, labels=labels, metadata=metadata) as model:
+        folder = download(registered, Path(scratch))
         for file in COPIED:
             shutil.copy(folder / file, model.path_of(file))
-    shutil.rmtree(folder.parent, ignore_errors=True)
     return bentoml.models.get(f"{name}:{model.tag.version}")
 
 
