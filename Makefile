@@ -1,5 +1,6 @@
-# DP-CXR: `make demo` runs the study on the embedded synthetic data, `make test` runs the test suite.
-# Both set up .venv from requirements.lock first (seconds when nothing changed).
+# DP-CXR: `make demo` runs the study on the embedded synthetic data, `make test` runs the whole test suite (what CI
+# runs), `make check` its fast part (no training of whole pipelines, no servers). All set up .venv from
+# requirements.lock first (seconds when nothing changed).
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -19,7 +20,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # dvc.yaml and MLproject call `python`: make it this environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup data demo serve test lint bench clean
+.PHONY: setup data demo serve test check lint bench clean
 
 setup: $(STAMP)
 
@@ -55,6 +56,11 @@ serve: setup
 test: setup
 	$(VENV)/bin/ruff check pipelines models serving tests benchmarks
 	$(PY) -m pytest
+
+# The fast loop while changing code: everything not marked slow (unit, data, privacy and single-stage tests).
+check: setup
+	$(VENV)/bin/ruff check pipelines models serving tests benchmarks
+	$(PY) -m pytest -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check pipelines models serving tests benchmarks

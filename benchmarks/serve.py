@@ -24,6 +24,7 @@ from pipelines.config import load_params  # noqa: E402
 from pipelines.data.store import open_site  # noqa: E402
 from serving.launch import running_server  # noqa: E402
 from serving.model_store import import_registered  # noqa: E402
+from serving.settings import load_serving_config  # noqa: E402
 
 
 def run(url: str, images: list[bytes], concurrency: int) -> tuple[float, np.ndarray]:
@@ -49,7 +50,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     params = load_params(args.params)
-    import_registered(params)
+    import_registered(load_serving_config(args.params))
     meta = open_site(Path(params.base.artifacts) / "prepare" / params.private_site()).metadata
     paths = meta[meta["split"] == "test"]["path"].head(args.requests).tolist()
     images = [Path(p).read_bytes() for p in (paths * (args.requests // len(paths) + 1))[:args.requests]]

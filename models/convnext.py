@@ -14,7 +14,7 @@ import torch
 from timm.models.convnext import ConvNeXtBlock
 from torch import nn
 
-from pipelines.data.schema import LABELS
+from models.labels import LABELS
 
 SIZES = ("atto", "femto", "pico", "nano", "tiny", "small", "base")
 # Fixed input normalisation (uint8 / 255 -> centred): a constant, never estimated from private data.

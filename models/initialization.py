@@ -5,7 +5,7 @@
   small sizes).
 - ``dinov3``: self-supervised DINOv3 weights (``convnext_<size>.dinov3_lvd1689m``; tiny, small, base).
 - ``domain``: a model from the pretraining stage; the train stage resolves it through the MLflow registry
-  (``pipelines.registry``) or a folder (``domain:<path>``), checks it shares no data with the private site and
+  (``models.registry``) or a folder (``domain:<path>``), checks it shares no data with the private site and
   passes it here as ``checkpoint:<folder>``.
 - ``checkpoint:<path>``: a folder with ``model.safetensors`` + ``spec.json``, or a timm-layout ``.safetensors``.
 
@@ -26,7 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from models.convnext import architecture, create_model
-from pipelines.data.schema import LABELS
+from models.labels import LABELS
 
 STRATEGIES = ("scratch", "imagenet", "dinov3", "domain", "checkpoint:<path>")
 PRETRAINED_TAGS = {

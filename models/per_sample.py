@@ -1,6 +1,6 @@
 """Exact per-sample gradients for timm ConvNeXt under Opacus 1.6, and the self-check that proves them.
 
-Stock Opacus gets them wrong on ConvNeXt (measured, see reference/dp-performance.md): its Conv2d sampler
+Stock Opacus gets them wrong on ConvNeXt (measured by tests/privacy/test_per_sample.py): its Conv2d sampler
 assumes NCHW-contiguous activations, but timm's ``LayerNorm2d`` hands the next convolution a permuted view,
 so those convolutions' per-sample gradients are garbage (relative error about 1.4) while ``ModuleValidator``
 reports nothing. Importing this module registers samplers that are exact:

@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 import models.per_sample  # noqa: F401  (registers the exact per-sample gradient samplers Opacus must use)
 
 # Opacus' PRV accountant errs upwards by its eps_error (0.01); RDP order grids differ between the two libraries
-# (dp_accounting drops fractional orders it cannot evaluate at large q). Measured gaps
-# (reference/dp-performance.md): PRV 0.1-1.2% above PLD; RDP within 1.4e-4 relative at moderate epsilon and a
+# (dp_accounting drops fractional orders it cannot evaluate at large q). Measured gaps on this project's
+# accounting tests: PRV 0.1-1.2% above PLD; RDP within 1.4e-4 relative at moderate epsilon and a
 # few percent at epsilon near 40. Whatever the accountant, the reported epsilon may never be below PLD's.
 PLD_SLACK_RELATIVE, PLD_SLACK_ABSOLUTE = 0.03, 0.02
 RDP_SLACK_RELATIVE = 0.05

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from models.convnext import INPUT_MEAN, INPUT_STD, architecture, create_model
-from pipelines.data.schema import LABELS
+from models.labels import LABELS
 
 WEIGHTS = "model.safetensors"
 SPEC = "spec.json"

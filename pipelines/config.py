@@ -1,89 +1,98 @@
-"""``params.yaml``, the project's one configuration source, as typed, strict dataclasses.
+"""``params.yaml``, the project's one configuration source, as strict pydantic models.
 
-Every default lives in ``params.yaml``; the dataclasses here have none, so a key missing from the file is an
+Every default and the meaning of every key live in ``params.yaml``; these models hold the types, the
+constraints and the rules that tie keys together, and have no defaults, so a key missing from the file is an
 error just like an unknown one. Command-line overrides use dotted keys (``train.epsilon=3``) and go through
-the same checks.
+the same checks. Every error is one line naming the key.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import difflib
 import itertools
 import math
-import types
-import typing
-from dataclasses import dataclass
+import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipelines.cells import cell_name, epsilon_text, fraction_text
+from serving.settings import Serve
 
 # Stages run from the repository root (as DVC and MLflow Projects do), so paths in params.yaml are relative to it.
 PARAMS_FILE = Path("params.yaml")
+RESERVED_ALIASES = "latest"   # MLflow's, like v<number>
 
 
 class ConfigError(ValueError):
     """params.yaml (or an override) has an unknown key, a missing key or a value of the wrong type."""
 
 
-@dataclass(frozen=True)
-class Base:
-    """Settings every stage shares.
+def _number(value: object) -> object:
+    # YAML 1.1 reads "3e-3" and "inf" as strings; as numbers they are what the user meant.
+    if isinstance(value, str):
+        try:
+            return float(value.strip().replace(".inf", "inf"))
+        except ValueError:
+            raise ValueError(f"must be a number, got {value!r}") from None
+    return value
 
-    Attributes:
-        seed: the seed of everything random that is not the synthetic data.
-        image_size: side of the square training images in pixels.
-        artifacts: folder of stage outputs.
-    """
+
+def _text(value: object) -> object:
+    return str(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+Number = Annotated[float, BeforeValidator(_number)]
+Share = Annotated[float, BeforeValidator(_number), Field(ge=0, lt=1)]
+Text = Annotated[str, BeforeValidator(_text)]
+Positive = Annotated[int, Field(gt=0)]
+
+
+class Section(BaseModel):
+    """A params.yaml mapping: unknown keys are errors, values are not coerced, nothing is mutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _alias_free(alias: str, key: str) -> str:
+    if alias.lower() == RESERVED_ALIASES or alias.lower().lstrip("v").isdigit():
+        raise ValueError(f"{alias!r} is reserved by MLflow: choose another {key}")
+    return alias
+
+
+class Base(Section):
+    """``base:`` in params.yaml."""
 
     seed: int
-    image_size: int
+    image_size: int = Field(ge=16)
     artifacts: str
 
 
-@dataclass(frozen=True)
-class Synthetic:
-    """The embedded synthetic data set (``make data``).
-
-    Attributes:
-        seed: the generator's seed.
-        scale: multiplies each site's number of patients.
-    """
+class Synthetic(Section):
+    """``data.synthetic:`` in params.yaml."""
 
     seed: int
-    scale: float
+    scale: Number = Field(gt=0)
 
 
-@dataclass(frozen=True)
-class Site:
-    """One data set in its native format.
-
-    Attributes:
-        format: the adapter (``mimic-cxr-jpg``, ``chexpert``, ``chestxray14``, ``padchest``, ``vindr-cxr``,
-            ``inhouse``).
-        role: ``private`` (the one DP training site), ``public`` (pretraining source) or ``external``
-            (evaluation only).
-        path: the data set's root folder, relative to the repository or absolute.
-        options: adapter options (e.g. ``aggregation: any`` for VinDr-CXR).
-    """
+class Site(Section):
+    """``data.sites.<name>:`` in params.yaml."""
 
     format: str
     role: Literal["private", "public", "external"]
     path: str
-    options: dict[str, str]
+    options: dict[str, Text]
+
+    @field_validator("options", mode="before")
+    @classmethod
+    def _empty(cls, value: object) -> object:
+        return {} if value is None else value
 
 
-@dataclass(frozen=True)
-class Data:
-    """Where the data sets are and how their labels and views are harmonised.
-
-    Attributes:
-        synthetic: the embedded default's generator settings.
-        uncertain: what an uncertain (-1) label becomes.
-        not_mentioned: what a blank label becomes.
-        frontal_only: keep only PA and AP images.
-        sites: the data sets by site name.
-    """
+class Data(Section):
+    """``data:`` in params.yaml."""
 
     synthetic: Synthetic
     uncertain: Literal["negative", "positive"]
@@ -91,198 +100,152 @@ class Data:
     frontal_only: bool
     sites: dict[str, Site]
 
-
-@dataclass(frozen=True)
-class Prepare:
-    """The prepare stage.
-
-    Attributes:
-        val_fraction: share of the private site's patients in the validation split.
-        test_fraction: share of the private site's patients in the test split.
-        max_bad_fraction: the stage fails when a site has more unreadable images than this share.
-        workers: decoding processes.
-    """
-
-    val_fraction: float
-    test_fraction: float
-    max_bad_fraction: float
-    workers: int
+    @model_validator(mode="after")
+    def _roles(self) -> Data:
+        private = [n for n, s in self.sites.items() if s.role == "private"]
+        if len(private) != 1:
+            raise ValueError(f"sites must have exactly one site with role private, found {private}")
+        public = [n for n, s in self.sites.items() if s.role == "public"]
+        if len(public) > 1:
+            raise ValueError(f"sites may have one site with role public (the pretraining source), found {public}")
+        return self
 
 
-@dataclass(frozen=True)
-class Validate:
-    """Thresholds of the Great Expectations gate (the validate stage).
+class Prepare(Section):
+    """``prepare:`` in params.yaml."""
 
-    Attributes:
-        max_sex_null_fraction: most images of a site whose sex may be unknown.
-        max_age_null_fraction: most images of a site whose age may be unknown.
-        min_age: youngest plausible age in years.
-        max_age: oldest plausible age in years.
-        min_sex_share: least share of each sex among a site's images of known sex.
-        min_prevalence: least share of positives per label and site.
-        max_prevalence: most share of positives per label and site.
-        min_test_age_bin_count: least images per age bin in a site's test split.
-    """
+    val_fraction: Share
+    test_fraction: Share
+    max_bad_fraction: Share
+    workers: Positive
 
-    max_sex_null_fraction: float
-    max_age_null_fraction: float
-    min_age: float
-    max_age: float
-    min_sex_share: float
-    min_prevalence: float
-    max_prevalence: float
+    @model_validator(mode="after")
+    def _training_left(self) -> Prepare:
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction + test_fraction must leave patients for training")
+        return self
+
+
+class Validate(Section):
+    """``validate:`` in params.yaml."""
+
+    max_sex_null_fraction: Number
+    max_age_null_fraction: Number
+    min_age: Number
+    max_age: Number
+    min_sex_share: Number
+    min_prevalence: Number
+    max_prevalence: Number
     min_test_age_bin_count: int
 
 
-@dataclass(frozen=True)
-class Train:
-    """DP-SGD training of one grid cell (the grid knobs are init, epsilon, model, data_fraction, seed).
+class Pretrain(Section):
+    """``pretrain:`` in params.yaml."""
 
-    Attributes:
-        init: ``scratch``, ``imagenet``, ``dinov3``, ``domain`` or ``checkpoint:<path>``.
-        epsilon: target epsilon; ``.inf`` trains the non-private baseline with the same loop and data.
-        model: ConvNeXt size.
-        data_fraction: share of the private training patients used (the data-scale sweep).
-        seed: seeds initialisation, sampling and noise (Opacus' secure RNG is unavailable with this torch).
-        delta: target delta; must be below 1/N.
-        accountant: ``prv`` (reported) or ``rdp``.
-        unit: privacy unit, ``image`` or ``patient`` (Poisson-samples patients, one image each per step).
-        max_grad_norm: per-sample clipping bound C.
-        optimizer: ``adamw`` (DP-AdamW, the study's) or ``sgd``.
-        lr: learning rate.
-        weight_decay: decoupled weight decay (AdamW) or L2 (SGD).
-        epochs: planned epochs; the noise is calibrated over all their steps.
-        logical_batch: expected logical batch size (sampling rate q = logical_batch / N).
-        physical_batch: most examples in memory at once.
-        augment: random horizontal flip and rotation (up to 7 degrees).
-        self_check_images: images in the per-sample-gradient self-check before training.
-    """
-
+    models: list[str] = Field(min_length=1)
     init: str
-    epsilon: float
-    model: str
-    data_fraction: float
-    seed: int
-    delta: float
-    accountant: Literal["prv", "rdp"]
-    unit: Literal["image", "patient"]
-    max_grad_norm: float
-    optimizer: Literal["adamw", "sgd"]
-    lr: float
-    weight_decay: float
-    epochs: int
-    logical_batch: int
-    physical_batch: int
-    augment: bool
-    self_check_images: int
-
-
-@dataclass(frozen=True)
-class Pretrain:
-    """Non-private supervised pretraining on the public source site (the ``domain`` initialization).
-
-    Attributes:
-        models: ConvNeXt sizes to pretrain; each becomes a registered model ``<registered_model>-<size>``.
-        init: starting weights: ``scratch``, ``imagenet``, ``dinov3`` or ``checkpoint:<path>`` (the study: DINOv3).
-        epochs: training epochs; the epoch with the best val mean AUROC (official val split) is kept.
-        batch: mini-batch size (shuffled: the public source needs no privacy).
-        lr: AdamW learning rate.
-        weight_decay: AdamW weight decay.
-        augment: random horizontal flip and rotation.
-        registered_model: prefix of the registered model names.
-        alias: the alias pointing at the newest pretraining; ``init: domain`` resolves it.
-    """
-
-    models: list[str]
-    init: str
-    epochs: int
-    batch: int
-    lr: float
-    weight_decay: float
+    epochs: Positive
+    batch: Positive
+    lr: Number
+    weight_decay: Number
     augment: bool
     registered_model: str
     alias: str
 
-
-GRID_KNOBS = ("init", "epsilon", "model", "data_fraction", "seed")   # the train fields a grid cell varies
-CELL = "cell.json"   # written by train into each cell folder: its knobs, which evaluate matches against the grid
-
-
-@dataclass(frozen=True)
-class Grid:
-    """The study's matrix: every combination is one train cell (dvc.yaml's train stage, MLproject ``main``).
-
-    Attributes:
-        inits: initializations (``train.init`` values).
-        epsilons: target epsilons; ``inf`` is the non-private baseline of each init.
-        models: ConvNeXt sizes (the model-capacity sweep).
-        data_fractions: shares of the private training patients (the data-scale sweep).
-        seeds: seeds.
-    """
-
-    inits: list[str]
-    epsilons: list[float]
-    models: list[str]
-    data_fractions: list[float]
-    seeds: list[int]
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, alias: str) -> str:
+        return _alias_free(alias, "pretrain.alias")
 
 
-@dataclass(frozen=True)
-class Evaluate:
-    """The evaluate stage.
+class Train(Section):
+    """``train:`` in params.yaml."""
 
-    Attributes:
-        resamples: bootstrap resamples of each evaluation set (shared by every model: paired comparisons).
-        seed: seeds the resamples.
-        threshold: ``val``: per-label threshold by Youden's J on the private val split, then fixed;
-            ``resample``: re-chosen by Youden's J inside each test resample (the study's code).
-        confidence: level of the percentile intervals.
-        min_subgroup_positives: subgroups with fewer positives in some label are flagged.
-    """
+    init: str
+    epsilon: Number = Field(gt=0)
+    model: str
+    data_fraction: Number = Field(gt=0, le=1)
+    seed: int
+    delta: Number = Field(gt=0, lt=1)
+    accountant: Literal["prv", "rdp"]
+    unit: Literal["image", "patient"]
+    max_grad_norm: Number = Field(gt=0)
+    optimizer: Literal["adamw", "sgd"]
+    lr: Number
+    weight_decay: Number
+    epochs: Positive
+    logical_batch: Positive
+    physical_batch: Positive
+    augment: bool
+    self_check_images: Positive
 
-    resamples: int
+    @property
+    def cell(self) -> str:
+        """This configuration's grid cell name, e.g. ``scratch-8-atto-1.0-0``."""
+        return cell_name(self.init, self.epsilon, self.model, self.data_fraction, self.seed)
+
+
+def _spelled(render: Any, example: str) -> Any:
+    """A before-validator for a grid list whose values name cells: each must be written as the cell spells it."""
+    def check(values: object) -> object:
+        if not isinstance(values, list):
+            return values
+        for value in values:
+            written = str(value).lower() if isinstance(value, bool) else str(value)
+            try:
+                canonical = render(_number(value))
+            except (TypeError, ValueError):
+                continue   # the type check names it
+            if written != canonical:
+                raise ValueError(f"write {value!r} as {canonical}: grid values name the cells, e.g. {example}")
+        return values
+    return BeforeValidator(check)
+
+
+class Grid(Section):
+    """``grid:`` in params.yaml."""
+
+    inits: list[str] = Field(min_length=1)
+    epsilons: Annotated[list[Annotated[Number, Field(gt=0)]], Field(min_length=1),
+                        _spelled(epsilon_text, "train@scratch-8-atto-1.0-0")]
+    models: list[str] = Field(min_length=1)
+    data_fractions: Annotated[list[Annotated[Number, Field(gt=0, le=1)]], Field(min_length=1),
+                              _spelled(fraction_text, "train@scratch-8-atto-0.5-0")]
+    seeds: list[int] = Field(min_length=1)
+
+
+class Evaluate(Section):
+    """``evaluate:`` in params.yaml."""
+
+    resamples: Positive
     seed: int
     threshold: Literal["val", "resample"]
-    confidence: float
+    confidence: Number = Field(gt=0, lt=1)
     min_subgroup_positives: int
 
 
-@dataclass(frozen=True)
-class Register:
-    """The register stage: which grid models enter the MLflow registry, under which aliases.
-
-    Attributes:
-        name: the registered model (one version per epsilon of the grid: its best cell on the private val split).
-        aliases: alias -> the epsilon whose version it names (``inf``: the non-private baseline).
-        private_aliases: aliases reserved for private models; pointing one at ``inf`` is refused.
-    """
+class Register(Section):
+    """``register:`` in params.yaml."""
 
     name: str
-    aliases: dict[str, float]
+    aliases: dict[str, Number]
     private_aliases: list[str]
 
-
-@dataclass(frozen=True)
-class Serve:
-    """The BentoML inference API.
-
-    Attributes:
-        alias: the registered version to serve (``register.name@alias``).
-        max_request_bytes: larger request bodies get 413.
-        max_batch_size: most images the adaptive batcher merges into one model call.
-        max_latency_ms: the batcher's latency budget.
-        token_env: environment variable holding the bearer token; unset or empty means no auth.
-    """
-
-    alias: str
-    max_request_bytes: int
-    max_batch_size: int
-    max_latency_ms: int
-    token_env: str
+    @model_validator(mode="after")
+    def _aliases(self) -> Register:
+        for alias, eps in self.aliases.items():
+            _alias_free(alias, "alias in register.aliases")
+            if math.isinf(eps) and alias in self.private_aliases:
+                raise ValueError(f"aliases: {alias!r} is reserved for private models (register.private_aliases) "
+                                 f"and cannot name the non-private model")
+        return self
 
 
-@dataclass(frozen=True)
-class Params:
+# The sections are named for their stages; two of those names are also (unused) attributes of pydantic's
+# BaseModel (``validate``) and of Python's ABCMeta (``register``), which pydantic warns about when the class is made.
+warnings.filterwarnings("ignore", message='Field name "(validate|register)" in "Params"', category=UserWarning)
+
+class Params(Section):
     """All of params.yaml."""
 
     base: Base
@@ -296,16 +259,19 @@ class Params:
     register: Register
     serve: Serve
 
+    @model_validator(mode="after")
+    def _cross_sections(self) -> Params:
+        for alias, eps in self.register.aliases.items():
+            if eps not in self.grid.epsilons:
+                raise ValueError(f"register.aliases: {alias!r} names epsilon {eps:g}, which is not in grid.epsilons")
+        if self.serve.alias not in self.register.aliases:
+            raise ValueError(f"serve.alias {self.serve.alias!r} is not one of register.aliases "
+                             f"{list(self.register.aliases)}")
+        return self
+
     def private_site(self) -> str:
         """The name of the one site with role ``private``."""
         return next(name for name, site in self.data.sites.items() if site.role == "private")
-
-    def grid_cells(self) -> list[Train]:
-        """Every cell of the grid as a train configuration (``train`` with the grid knobs replaced)."""
-        g = self.grid
-        return [dataclasses.replace(self.train, init=init, epsilon=eps, model=model, data_fraction=fraction, seed=seed)
-                for init, eps, model, fraction, seed in itertools.product(
-                    g.inits, g.epsilons, g.models, g.data_fractions, g.seeds)]
 
     def public_site(self) -> str:
         """The name of the site with role ``public`` (the pretraining source).
@@ -317,6 +283,18 @@ class Params:
         if not public:
             raise ConfigError("no site in data.sites has role public: pretraining needs a public source")
         return public[0]
+
+    def grid_cells(self) -> list[Train]:
+        """Every cell of the grid as a train configuration (``train`` with the grid knobs replaced)."""
+        g = self.grid
+        return [self.train.model_copy(update={"init": init, "epsilon": eps, "model": model, "data_fraction": fraction,
+                                              "seed": seed})
+                for init, eps, model, fraction, seed in itertools.product(
+                    g.inits, g.epsilons, g.models, g.data_fractions, g.seeds)]
+
+    def for_cell(self, train: Train) -> Params:
+        """This configuration with ``train`` as the cell to train."""
+        return self.model_copy(update={"train": train})
 
 
 def load_params(path: Path = PARAMS_FILE, overrides: list[str] | tuple[str, ...] = ()) -> Params:
@@ -334,12 +312,13 @@ def load_params(path: Path = PARAMS_FILE, overrides: list[str] | tuple[str, ...]
     except FileNotFoundError as error:
         raise ConfigError(f"{path} not found: run from the repository root or pass --params") from error
     except yaml.YAMLError as error:
-        raise ConfigError(f"{path} is not valid YAML: {error}") from error
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from error
     for override in overrides:
         _apply_override(raw, override)
-    params = _build(Params, raw, "")
-    _check(params)
-    return params
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(_describe(error, path)) from None
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
@@ -353,116 +332,34 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
             raise ConfigError(f"override {override!r}: unknown key {key!r}")
         node = node[part]
     if leaf not in node:
-        raise ConfigError(f"override {override!r}: unknown key {key!r}")
+        raise ConfigError(f"override {override!r}: unknown key {key!r}{_suggest(leaf, node)}")
     node[leaf] = yaml.safe_load(value)
 
 
-def _build(kind: Any, value: Any, where: str) -> Any:
-    """Converts a YAML value to ``kind``, naming the dotted key of anything wrong."""
-    label = where or "params.yaml"
-    origin = typing.get_origin(kind)
-    if dataclasses.is_dataclass(kind):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{label} must be a mapping, got {type(value).__name__}")
-        hints = typing.get_type_hints(kind)
-        names = [f.name for f in dataclasses.fields(kind)]
-        unknown = sorted(set(value) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown key {_join(where, unknown[0])} in params.yaml; known keys here: {names}")
-        missing = [n for n in names if n not in value]
-        if missing:
-            raise ConfigError(f"params.yaml lacks {_join(where, missing[0])}")
-        return kind(**{n: _build(hints[n], value[n], _join(where, n)) for n in names})
-    if origin is dict:
-        key_type, value_type = typing.get_args(kind)
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise ConfigError(f"{label} must be a mapping")
-        return {str(k): _build(value_type, v, _join(where, str(k))) for k, v in value.items()}
-    if origin is list:
-        (item_type,) = typing.get_args(kind)
-        if not isinstance(value, list):
-            raise ConfigError(f"{label} must be a list")
-        return [_build(item_type, v, f"{label}[{i}]") for i, v in enumerate(value)]
-    if origin is Literal:
-        allowed = typing.get_args(kind)
-        if value not in allowed:
-            raise ConfigError(f"{label} is {value!r}; allowed: {list(allowed)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(kind)
-        if value is None and type(None) in options:
-            return None
-        return _build(next(o for o in options if o is not type(None)), value, where)
-    if kind is float:
-        if isinstance(value, str):
-            # YAML 1.1 reads "3e-3" and "inf" as strings; as numbers they are what the user meant.
-            try:
-                return float(value.strip().lstrip("."))
-            except ValueError:
-                raise ConfigError(f"{label} must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{label} must be a number, got {value!r}")
-        return float(value)
-    if kind in (int, bool, str):
-        if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-            value = str(value)
-        if type(value) is not kind:
-            raise ConfigError(f"{label} must be {kind.__name__}, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {kind}")
+def _describe(error: ValidationError, path: Path) -> str:
+    """The first problem pydantic found, as one line naming the dotted key."""
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"] if not str(part).startswith(("function-", "constrained-"))]
+    key = ".".join(loc) or "params.yaml"
+    if first["type"] == "extra_forbidden":
+        return f"unknown key {key} in {path}{_suggest(loc[-1], _known_keys(loc[:-1]))}"
+    if first["type"] == "missing":
+        return f"{path} lacks {key}"
+    message = first["msg"].removeprefix("Value error, ")
+    return f"{key}: {message} (got {first['input']!r})" if "input" in first and not isinstance(
+        first["input"], dict | list) else f"{key}: {message}"
 
 
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
+def _known_keys(loc: list[str]) -> list[str]:
+    model: Any = Params
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
 
 
-def _check(params: Params) -> None:
-    private = [n for n, s in params.data.sites.items() if s.role == "private"]
-    if len(private) != 1:
-        raise ConfigError(f"data.sites must have exactly one site with role private, found {private}")
-    public = [n for n, s in params.data.sites.items() if s.role == "public"]
-    if len(public) > 1:
-        raise ConfigError(f"data.sites may have one site with role public (the pretraining source), found {public}")
-    p = params.prepare
-    for key in ("val_fraction", "test_fraction", "max_bad_fraction"):
-        if not 0 <= getattr(p, key) < 1:
-            raise ConfigError(f"prepare.{key} must be in [0, 1)")
-    if p.val_fraction + p.test_fraction >= 1:
-        raise ConfigError("prepare.val_fraction + prepare.test_fraction must leave patients for training")
-    if params.base.image_size < 16:
-        raise ConfigError("base.image_size must be at least 16 pixels")
-    if p.workers < 1:
-        raise ConfigError("prepare.workers must be at least 1")
-    if params.pretrain.epochs < 1 or params.pretrain.batch < 1 or not params.pretrain.models:
-        raise ConfigError("pretrain.epochs and pretrain.batch must be positive and pretrain.models not empty")
-    if params.pretrain.alias.lower() == "latest" or params.pretrain.alias.lower().lstrip("v").isdigit():
-        raise ConfigError(f"pretrain.alias {params.pretrain.alias!r} is reserved by MLflow: choose another name")
-    g = params.grid
-    if not all([g.inits, g.epsilons, g.models, g.data_fractions, g.seeds]):
-        raise ConfigError("every list in grid must have at least one value")
-    if any(not eps > 0 for eps in g.epsilons) or any(not 0 < f <= 1 for f in g.data_fractions):
-        raise ConfigError("grid.epsilons must be positive (inf for non-private) and grid.data_fractions in (0, 1]")
-    if params.evaluate.resamples < 1 or not 0 < params.evaluate.confidence < 1:
-        raise ConfigError("evaluate.resamples must be positive and evaluate.confidence in (0, 1)")
-    r = params.register
-    for alias, eps in r.aliases.items():
-        if alias.lower() == "latest" or alias.lower().lstrip("v").isdigit():
-            raise ConfigError(f"register.aliases: {alias!r} is reserved by MLflow: choose another name")
-        if math.isinf(eps) and alias in r.private_aliases:
-            raise ConfigError(f"register.aliases: {alias!r} is reserved for private models (register.private_aliases) "
-                              f"and cannot name the non-private model")
-        if eps not in g.epsilons:
-            raise ConfigError(f"register.aliases: {alias!r} names epsilon {eps:g}, which is not in grid.epsilons")
-    if params.serve.alias not in r.aliases:
-        raise ConfigError(f"serve.alias {params.serve.alias!r} is not one of register.aliases {list(r.aliases)}")
-    t = params.train
-    if not t.epsilon > 0:
-        raise ConfigError("train.epsilon must be positive (.inf for the non-private baseline)")
-    if not 0 < t.delta < 1:
-        raise ConfigError("train.delta must be in (0, 1)")
-    if not 0 < t.data_fraction <= 1:
-        raise ConfigError("train.data_fraction must be in (0, 1]")
-    if t.physical_batch < 1 or t.logical_batch < 1 or t.epochs < 1 or t.max_grad_norm <= 0:
-        raise ConfigError("train.physical_batch, logical_batch, epochs and max_grad_norm must be positive")
+def _suggest(key: str, known: object) -> str:
+    close = difflib.get_close_matches(key, [str(k) for k in known], n=1)
+    return f" (did you mean {close[0]}?)" if close else ""

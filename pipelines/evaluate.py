@@ -22,7 +22,6 @@ import hashlib
 import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +30,8 @@ import pandas as pd
 from models.convnext import predict
 from models.weights import load_model
 from pipelines.atomic import atomic_folder
-from pipelines.config import CELL, GRID_KNOBS, Params, Train
+from pipelines.cells import Cell, trained_cells
+from pipelines.config import Params, Train
 from pipelines.data.schema import AGE_BIN_NAMES, LABELS, age_bin
 from pipelines.data.store import open_site
 from pipelines.metrics import (
@@ -44,62 +44,13 @@ from pipelines.metrics import (
     threshold_metrics,
     youden_threshold,
 )
-from pipelines.stage import StageError, run_stage
+from pipelines.stage import run_stage
 from pipelines.tracking import cell_run_id, stage_run
 
 STAGE = "evaluate"
 METRICS = "metrics.json"
 NO_FINDING = LABELS.index("no_finding")
 FINDINGS = [k for k, label in enumerate(LABELS) if label != "no_finding"]
-
-
-@dataclass(frozen=True)
-class Cell:
-    """A trained grid cell.
-
-    Attributes:
-        name: its folder name.
-        folder: ``<artifacts>/train/<name>``.
-        train: its configuration.
-        privacy: its privacy record.
-    """
-
-    name: str
-    folder: Path
-    train: Train
-    privacy: dict[str, object]
-
-    def describe(self) -> dict[str, object]:
-        """The cell's grid knobs and spent epsilon, for table rows."""
-        return {"cell": self.name, **{k: getattr(self.train, k) for k in GRID_KNOBS},
-                "epsilon_spent": self.privacy["epsilon"]}
-
-
-def trained_cells(params: Params) -> list[Cell]:
-    """The trained model of every grid cell (folders of cells no longer in the grid are ignored).
-
-    Raises:
-        StageError: a grid cell has not been trained.
-    """
-    root = Path(params.base.artifacts) / "train"
-    found = {}
-    for file in sorted(root.glob(f"*/{CELL}")):
-        knobs = json.loads(file.read_text())
-        found[_key(knobs["init"], float(knobs["epsilon"]), knobs["model"], float(knobs["data_fraction"]),
-                   int(knobs["seed"]))] = file.parent
-    cells = []
-    for t in params.grid_cells():
-        folder = found.get(_key(t.init, t.epsilon, t.model, t.data_fraction, t.seed))
-        if folder is None or not (folder / "privacy.json").is_file():
-            raise StageError(f"grid cell init={t.init} epsilon={t.epsilon:g} model={t.model} "
-                             f"data_fraction={t.data_fraction:g} seed={t.seed} has no trained model in {root}: "
-                             f"run `dvc repro` (or `python -m pipelines.train` for that cell) first")
-        cells.append(Cell(folder.name, folder, t, json.loads((folder / "privacy.json").read_text())))
-    return cells
-
-
-def _key(init: str, epsilon: float, model: str, fraction: float, seed: int) -> tuple[object, ...]:
-    return init, round(epsilon, 9) if math.isfinite(epsilon) else math.inf, model, round(fraction, 9), seed
 
 
 def evaluate(params: Params) -> dict[str, object]:

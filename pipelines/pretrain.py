@@ -13,7 +13,7 @@ train stage uses to refuse a private site that overlaps the pretraining data) an
 
 from __future__ import annotations
 
-import hashlib
+import argparse
 import json
 import shutil
 import sys
@@ -31,13 +31,13 @@ from pipelines.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from pipelines.config import Params
 from pipelines.data.datasets import ImageDataset
 from pipelines.data.schema import LABELS
+from pipelines.data.source import SOURCE, source_manifest
 from pipelines.data.store import SiteStore, open_site
 from pipelines.metrics import mean_auroc
-from pipelines.stage import StageError, pop_flag, run_stage
+from pipelines.stage import StageError, run_stage
 from pipelines.tracking import data_version, stage_run
 
 STAGE = "pretrain"
-SOURCE = "source.json"
 
 
 def pretrain(params: Params, resume: bool = False) -> list[dict[str, object]]:
@@ -59,6 +59,10 @@ def pretrain(params: Params, resume: bool = False) -> list[dict[str, object]]:
 
 
 def _pretrain_size(params: Params, store: SiteStore, site: str, size: str, resume: bool) -> dict[str, object]:
+    import mlflow
+
+    from models.registry import register
+
     p = params.pretrain
     out = Path(params.base.artifacts) / STAGE / size
     if not resume:
@@ -82,86 +86,63 @@ def _pretrain_size(params: Params, store: SiteStore, site: str, size: str, resum
         generator.set_state(torch.tensor(state.pop("generator"), dtype=torch.uint8))
         print(f"pretrain: {size}: resumed after epoch {state['epoch']}", file=sys.stderr)
 
-    for epoch in range(state["epoch"] + 1, p.epochs + 1):
-        model.train()
-        loss_sum = 0.0
-        for x, y in tqdm(loader, desc=f"pretrain {size} epoch {epoch}/{p.epochs}", unit="batch", file=sys.stderr,
-                         mininterval=1.0):
-            optimizer.zero_grad()
-            loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="none").sum(dim=1).mean()
-            loss.backward()
-            optimizer.step()
-            loss_sum += float(loss.detach()) * len(x)
-        val_auroc = mean_auroc(val_labels, predict(model, val_images))
-        state["history"].append({"epoch": epoch, "train_loss": loss_sum / len(dataset), "val_mean_auroc": val_auroc})
-        print(f"pretrain: {size} epoch {epoch}: val mean AUROC {val_auroc:.4f}", file=sys.stderr)
-        if val_auroc > state["best_auroc"] or state["best_epoch"] == 0:
-            state["best_auroc"], state["best_epoch"] = val_auroc, epoch
-            save_model(model, spec, out)
-        state["epoch"] = epoch
-        save_checkpoint(out / CHECKPOINT, model, optimizer, {**state, "generator": generator.get_state().tolist()})
+    # The run opens before the first step, so every epoch can be watched and a failed run leaves its record.
+    with stage_run(STAGE):
+        mlflow.set_tags({"dp_cxr.pretrain_size": size, "source_site": site, "resumed": str(resume).lower()})
+        mlflow.log_params({f"pretrain.{k}": v for k, v in p.model_dump().items() if k != "models"} | {"model": size})
+        for epoch in range(state["epoch"] + 1, p.epochs + 1):
+            model.train()
+            loss_sum = 0.0
+            for x, y in tqdm(loader, desc=f"pretrain {size} epoch {epoch}/{p.epochs}", unit="batch", file=sys.stderr,
+                             mininterval=1.0):
+                optimizer.zero_grad()
+                loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="none").sum(dim=1).mean()
+                loss.backward()
+                optimizer.step()
+                loss_sum += float(loss.detach()) * len(x)
+            val_auroc = mean_auroc(val_labels, predict(model, val_images))
+            # The public source needs no privacy: its training loss may be logged.
+            row = {"epoch": epoch, "train_loss": loss_sum / len(dataset), "val_mean_auroc": val_auroc}
+            state["history"].append(row)
+            mlflow.log_metrics({"train_loss": row["train_loss"], "val_mean_auroc": val_auroc}, step=epoch)
+            print(f"pretrain: {size} epoch {epoch}: val mean AUROC {val_auroc:.4f}", file=sys.stderr)
+            if val_auroc > state["best_auroc"] or state["best_epoch"] == 0:
+                state["best_auroc"], state["best_epoch"] = val_auroc, epoch
+                save_model(model, spec, out)
+            state["epoch"] = epoch
+            save_checkpoint(out / CHECKPOINT, model, optimizer, {**state, "generator": generator.get_state().tolist()})
 
-    best, _ = load_model(out)
-    test_rows, test_meta = store.split("test")
-    test_scores = predict(best, np.asarray(store.images[test_rows]))
-    test_labels = test_meta[list(LABELS)].to_numpy()
-    metrics = {"best_epoch": state["best_epoch"], "val_mean_auroc": state["best_auroc"],
-               "test_mean_auroc": mean_auroc(test_labels, test_scores),
-               **{f"test_auroc.{label}": mean_auroc(test_labels[:, [k]], test_scores[:, [k]])
-                  for k, label in enumerate(LABELS)}}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    (out / "history.json").write_text(json.dumps(state["history"], indent=2))
-    (out / SOURCE).write_text(json.dumps(source_manifest(store, site, params.data.sites[site].format)))
-    version = _register(params, size, out, metrics, spec, state["history"])
+        best, _ = load_model(out)
+        test_rows, test_meta = store.split("test")
+        test_scores = predict(best, np.asarray(store.images[test_rows]))
+        test_labels = test_meta[list(LABELS)].to_numpy()
+        metrics = {"best_epoch": state["best_epoch"], "val_mean_auroc": state["best_auroc"],
+                   "test_mean_auroc": mean_auroc(test_labels, test_scores),
+                   **{f"test_auroc.{label}": mean_auroc(test_labels[:, [k]], test_scores[:, [k]])
+                      for k, label in enumerate(LABELS)}}
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        (out / "history.json").write_text(json.dumps(state["history"], indent=2))
+        (out / SOURCE).write_text(json.dumps(source_manifest(store, site, params.data.sites[site].format,
+                                                             data_version())))
+        mlflow.log_metrics(metrics)
+        tags = {"source_site": site, "source_data_version": data_version(),
+                "base_init": spec.init.get("strategy", p.init), "model_size": size, "image_size": spec.image_size,
+                "privacy": "none (public data, non-private)",
+                **{k: f"{v:.4f}" for k, v in metrics.items() if k.startswith("test_mean")}}
+        version = register(out, f"{p.registered_model}-{size}", tags, aliases=[p.alias],
+                           extra_artifacts={"source": out / SOURCE})
     print(f"pretrain: {size}: best epoch {state['best_epoch']} (val mean AUROC {state['best_auroc']:.4f}, "
           f"{site} test {metrics['test_mean_auroc']:.4f}) -> {out}, registered {version.name} v{version.version} "
           f"@{p.alias}", file=sys.stderr)
     return {"size": size, **metrics, "registered_model": version.name, "version": version.version}
 
 
-def source_manifest(store: SiteStore, site: str, format: str) -> dict[str, object]:
-    """What the pretraining saw, for overlap checks: image content hashes and hashed patient ids.
-
-    Patient ids are only comparable within one data set's id space, so the format is recorded with them.
-    """
-    meta = store.metadata
-    return {"site": site, "format": format, "data_version": data_version(),
-            "content_hashes": sorted(meta["content_hash"].dropna().astype(str).unique()),
-            "patient_ids": sorted({hash_id(p) for p in meta["patient_id"].dropna().astype(str)})}
-
-
-def hash_id(patient_id: str) -> str:
-    """A patient id as stored in a source manifest (never the raw id)."""
-    return hashlib.sha256(patient_id.encode()).hexdigest()
-
-
-def _register(params: Params, size: str, out: Path, metrics: dict[str, object], spec: ModelSpec,
-              history: list[dict[str, float]]) -> object:
-    import mlflow
-
-    from pipelines.registry import register
-
-    p = params.pretrain
-    with stage_run(STAGE):
-        mlflow.set_tags({"dp_cxr.pretrain_size": size, "source_site": params.public_site()})
-        mlflow.log_params({f"pretrain.{k}": v for k, v in vars(p).items() if k != "models"} | {"model": size})
-        for row in history:
-            mlflow.log_metrics({"train_loss": row["train_loss"], "val_mean_auroc": row["val_mean_auroc"]},
-                               step=row["epoch"])
-        mlflow.log_metrics(metrics)
-        tags = {"source_site": params.public_site(), "source_data_version": data_version(),
-                "base_init": spec.init.get("strategy", p.init), "model_size": size, "image_size": spec.image_size,
-                "privacy": "none (public data, non-private)", **{k: f"{v:.4f}" for k, v in metrics.items()
-                                                                  if k.startswith("test_mean")}}
-        return register(out, f"{p.registered_model}-{size}", tags, aliases=[p.alias],
-                        extra_artifacts={"source": out / SOURCE})
-
-
 def main(argv: list[str] | None = None) -> None:
     """``python -m pipelines.pretrain [--resume] [-P pretrain.epochs=4 ...]``."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    resume = pop_flag(args, "--resume")
-    run_stage(STAGE, lambda params: pretrain(params, resume=resume), args)
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--resume", action="store_true", help="continue each size from its last checkpoint")
+
+    run_stage(STAGE, lambda params, args: pretrain(params, resume=args.resume), argv, flags)
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.atomic import atomic_folder
+from pipelines.cells import Cell, trained_cells
 from pipelines.config import Params
-from pipelines.evaluate import Cell, trained_cells
 from pipelines.stage import StageError, run_stage
 from pipelines.tracking import cell_run_id, git_commit, stage_run
 
@@ -40,7 +40,7 @@ def register_models(params: Params) -> list[dict[str, object]]:
     Raises:
         StageError: the evaluate stage has not run, or a chosen model's privacy record is incomplete.
     """
-    from pipelines.registry import register
+    from models.registry import register
 
     r = params.register
     evaluated = Path(params.base.artifacts) / "evaluate"

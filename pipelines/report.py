@@ -10,6 +10,7 @@ the stage's MLflow run.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -28,7 +29,7 @@ from pipelines.atomic import atomic_folder  # noqa: E402
 from pipelines.config import Params  # noqa: E402
 from pipelines.data.schema import LABELS  # noqa: E402
 from pipelines.data.store import open_site  # noqa: E402
-from pipelines.stage import StageError, pop_flag, run_stage  # noqa: E402
+from pipelines.stage import StageError, run_stage  # noqa: E402
 from pipelines.tracking import stage_run  # noqa: E402
 
 STAGE = "report"
@@ -81,7 +82,7 @@ def report(params: Params) -> Path:
         for _, stem, table in sections:
             table.to_csv(out / f"{stem}.csv")
         threshold = results["threshold"].iloc[0]
-        (out / RESULTS_TABLE).write_text(_results_table(main[main["site"] == private], private))
+        (out / RESULTS_TABLE).write_text(_results_table(main[main["site"] == private], private, params.train.delta))
         (out / "report.md").write_text(_markdown(sections, threshold, out))
         (out / "report.html").write_text(_html(sections, threshold, out))
     path = Path(params.base.artifacts) / STAGE / "report.md"
@@ -114,13 +115,15 @@ def _init_by_epsilon(rows: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def _results_table(rows: pd.DataFrame, private: str) -> str:
+def _results_table(rows: pd.DataFrame, private: str, delta: float) -> str:
     """The headline table: init x epsilon mean AUROC [95% CI] on the private test split, with epsilon spent."""
     table = _init_by_epsilon(rows)
     spent = rows.groupby("epsilon")["epsilon_spent"].max()
-    note = ", ".join(f"{_eps_label(eps)}: {float(value):.3f}" for eps, value in spent.items() if math.isfinite(eps))
+    # Rounded up: a shortened epsilon must never look smaller than the one spent.
+    note = ", ".join(f"{_eps_label(eps)}: {math.ceil(float(value) * 1000) / 1000:.3f}" for eps, value in spent.items()
+                     if math.isfinite(eps))
     return (f"Mean AUROC [95% bootstrap CI] on the {private} test split, by initialization and target ε "
-            f"(δ = 1e-5; ε spent {note}).\n\n{table.to_markdown()}\n")
+            f"(δ = {delta:g}; ε spent {note}).\n\n{table.to_markdown()}\n")
 
 
 def update_readme(params: Params, readme: Path = Path("README.md")) -> None:
@@ -315,8 +318,11 @@ def _html(sections: list[tuple[str, str, pd.DataFrame]], threshold: str, out: Pa
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m pipelines.report`` builds the report; ``--update-readme`` copies its table into README.md."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    run_stage(STAGE, update_readme if pop_flag(args, "--update-readme") else report, args)
+    def flags(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--update-readme", action="store_true",
+                            help="copy the results table of the last report into README.md instead of reporting")
+
+    run_stage(STAGE, lambda params, args: (update_readme if args.update_readme else report)(params), argv, flags)
 
 
 if __name__ == "__main__":

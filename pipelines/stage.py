@@ -8,20 +8,40 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from pipelines.config import PARAMS_FILE, ConfigError, Params, load_params
+from pipelines.config import PARAMS_FILE, ConfigError, load_params
 
 
 class StageError(RuntimeError):
     """A stage cannot do its work for a reason the user can fix; the message says what and how."""
 
 
-def run_stage(name: str, work: Callable[[Params], object], argv: list[str] | None = None) -> None:
-    """Parses ``--params`` and ``-P key=value`` overrides, runs ``work`` and turns known failures into one line.
+class SetKey(argparse.Action):
+    """A flag that sets one params.yaml key (``--epsilon 3`` is ``-P train.epsilon=3``); an empty value keeps it.
+
+    MLflow Projects pass every entry-point parameter, so an empty string means "not given".
+    """
+
+    def __init__(self, option_strings: list[str], dest: str, key: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.key = key
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object,
+                 option_string: str | None = None) -> None:
+        """Adds ``key=value`` to the overrides unless the value is empty."""
+        if value != "":
+            namespace.set_keys = [*getattr(namespace, "set_keys", []), f"{self.key}={value}"]
+
+
+def run_stage(name: str, work: Callable[..., object], argv: list[str] | None = None,
+              flags: Callable[[argparse.ArgumentParser], None] | None = None) -> None:
+    """Parses the common and the stage's own flags, runs ``work`` and turns known failures into one line.
 
     Args:
         name: the stage name, as in dvc.yaml and MLproject.
-        work: the stage function.
+        work: the stage function, called with the resolved configuration (and the parsed flags when the stage
+            has ``flags``).
         argv: the arguments (default ``sys.argv[1:]``).
+        flags: adds the stage's own flags to the parser (``SetKey`` flags become overrides).
     """
     parser = argparse.ArgumentParser(prog=f"python -m pipelines.{name}", description=f"DP-CXR stage '{name}'.")
     parser.add_argument("--params", type=Path, default=PARAMS_FILE, help="the params.yaml to read")
@@ -29,27 +49,13 @@ def run_stage(name: str, work: Callable[[Params], object], argv: list[str] | Non
                         help="override a params.yaml key, e.g. -P prepare.workers=1")
     parser.add_argument("--overrides", default="", metavar="'KEY=VALUE ...'",
                         help="several overrides in one string (what MLflow Projects pass)")
+    parser.set_defaults(set_keys=[])
+    if flags is not None:
+        flags(parser)
     args = parser.parse_args(argv)
     try:
-        work(load_params(args.params, [*shlex.split(args.overrides), *args.overrides_list]))
+        params = load_params(args.params, [*args.set_keys, *shlex.split(args.overrides), *args.overrides_list])
+        work(params) if flags is None else work(params, args)
     except (ConfigError, StageError, FileNotFoundError) as error:
         print(f"{name}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def pop_flag(args: list[str], flag: str) -> bool:
-    """Removes every ``flag`` from ``args`` (a stage's own switch, e.g. ``--resume``) and says whether it was there."""
-    found = flag in args
-    while flag in args:
-        args.remove(flag)
-    return found
-
-
-def pop_option(args: list[str], flag: str) -> str | None:
-    """Removes ``flag VALUE`` from ``args`` and returns the last value given (None when absent, "" when empty)."""
-    value = None
-    while flag in args:
-        at = args.index(flag)
-        value = args[at + 1] if at + 1 < len(args) else ""
-        del args[at:at + 2]
-    return value

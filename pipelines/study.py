@@ -9,7 +9,6 @@ is the MLflow way to run the study end to end; ``dvc repro`` is the DVC way (wit
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 
@@ -47,7 +46,7 @@ def study(params: Params) -> list[dict[str, object]]:
         for number, cell in enumerate(cells, 1):
             print(f"main: grid cell {number}/{len(cells)}: init={cell.init} epsilon={cell.epsilon:g} "
                   f"model={cell.model} data_fraction={cell.data_fraction:g} seed={cell.seed}", file=sys.stderr)
-            train(dataclasses.replace(params, train=cell))
+            train(params.for_cell(cell))
         evaluate(params)
         report(params)
         registered = register_models(params)

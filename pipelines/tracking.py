@@ -15,13 +15,10 @@ from pathlib import Path
 
 import yaml
 
+from models.tracking_store import tracking_uri
+
 EXPERIMENT = "dp-cxr"
 DATA_DVC = Path("data.dvc")
-
-
-def tracking_uri() -> str:
-    """The tracking URI in force: ``MLFLOW_TRACKING_URI`` or the SQLite file in the working directory."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def data_version(dvc_file: Path = DATA_DVC) -> str:
@@ -65,13 +62,38 @@ def stage_run(stage: str, name: str | None = None) -> Iterator[object]:
         mlflow.set_tags({"dp_cxr.stage": stage, "git_commit": git_commit(), "data_version": data_version()})
         yield run
 
-def cell_run_id(cell: str) -> str | None:
-    """The newest MLflow run that trained grid cell ``cell`` (tag ``dp_cxr.cell``), in any experiment."""
+
+def flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
+    """A nested configuration as MLflow params: ``{"train.epsilon": 8.0, "data.sites.x.format": ...}``."""
+    flat: dict[str, object] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _cell_runs(cell: str, status: str | None = None) -> list[object]:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     experiments = [x.experiment_id for x in client.search_experiments()]
-    runs = client.search_runs(experiments, f"tags.`dp_cxr.cell` = '{cell}'", order_by=["attributes.start_time DESC"],
-                              max_results=1)
+    query = f"tags.`dp_cxr.cell` = '{cell}'" + (f" and attributes.status = '{status}'" if status else "")
+    return client.search_runs(experiments, query, order_by=["attributes.start_time DESC"])
+
+
+def close_abandoned_runs(cell: str) -> None:
+    """Marks runs of ``cell`` still "running" (their process was killed outright) as failed."""
+    import mlflow
+
+    for run in _cell_runs(cell, "RUNNING"):
+        mlflow.MlflowClient().set_terminated(run.info.run_id, "FAILED")
+        mlflow.MlflowClient().set_tag(run.info.run_id, "dp_cxr.abandoned", "killed before it ended")
+
+
+def cell_run_id(cell: str) -> str | None:
+    """The newest MLflow run that trained grid cell ``cell`` (tag ``dp_cxr.cell``), in any experiment."""
+    runs = _cell_runs(cell)
     return runs[0].info.run_id if runs else None

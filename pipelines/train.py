@@ -1,6 +1,7 @@
 """The train stage: DP-SGD (Opacus) training of a timm ConvNeXt on the private site, one grid cell per run.
 
-A cell is (init, epsilon, model, data fraction, seed). The stage trains on the private site's train split
+A cell is (init, epsilon, model, data fraction, seed), named ``<init>-<epsilon>-<model>-<fraction>-<seed>``
+everywhere (``pipelines.cells``). The stage trains on the private site's train split
 and selects the epoch with the best val mean AUROC (the test split is never touched). Private runs use
 Poisson sampling, per-sample clipping with exact per-sample gradients (checked against a per-example loop
 before training starts), Gaussian noise calibrated to the target epsilon over all planned steps, and large
@@ -8,7 +9,7 @@ logical batches through BatchMemoryManager. ``epsilon: .inf`` trains the non-pri
 Poisson-sampled data and the same loop, without clipping or noise.
 
 Outputs under ``<artifacts>/train/<cell>/``: ``model.safetensors`` + ``spec.json`` (the selected weights),
-``privacy.json`` (the privacy record), ``history.json`` (per-epoch loss, val AUROC, epsilon),
+``privacy.json`` (the privacy record), ``history.json`` (per-epoch val AUROC, epsilon spent, steps),
 ``checkpoint/`` (every epoch: weights, optimizer, accountant history, RNG state, step) and ``ledger.jsonl``
 (one line per executed step). ``--resume`` continues a killed run; its accountant counts every step the
 ledger recorded, including those after the last checkpoint.
@@ -16,14 +17,17 @@ ledger recorded, including those after the last checkpoint.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
 import shutil
+import signal
 import sys
 import tempfile
 import warnings
-from dataclasses import asdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -39,36 +43,34 @@ from models.initialization import Initialized, initialize
 from models.per_sample import TOLERANCE, max_relative_error
 from models.privacy import PrivacyRecord, StepLedger, cross_check, ends_logical_step, make_private
 from models.weights import ModelSpec, load_model, save_model
+from pipelines.cells import GRID_KNOBS, parse_cell, run_name
 from pipelines.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from pipelines.config import CELL, GRID_KNOBS, Params, Train
+from pipelines.config import Params, Train
 from pipelines.data.datasets import ImageDataset, PatientDataset
 from pipelines.data.schema import LABELS
+from pipelines.data.source import SOURCE, SourceOverlapError, refuse_overlap
 from pipelines.data.splits import patient_unit_interval
 from pipelines.data.store import METADATA, SiteStore, open_site
 from pipelines.metrics import mean_auroc
-from pipelines.pretrain import SOURCE, hash_id
-from pipelines.stage import StageError, pop_flag, pop_option, run_stage
-from pipelines.tracking import data_version, stage_run
+from pipelines.stage import SetKey, StageError, run_stage
+from pipelines.tracking import close_abandoned_runs, data_version, flatten, stage_run
 
 STAGE = "train"
 # Opacus' hooks on the first layer (whose input needs no gradient) trigger this torch warning every step.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
 
 
-def cell_name(t: Train) -> str:
-    """The grid cell's folder and run name, e.g. ``scratch_eps8_atto_f1_s0``."""
-    init = "".join(c if c.isalnum() else "-" for c in t.init).strip("-")
-    eps = "inf" if math.isinf(t.epsilon) else f"{t.epsilon:g}"
-    return f"{init}_eps{eps}_{t.model}_f{t.data_fraction:g}_s{t.seed}"
+def train(params: Params, resume: bool = False) -> dict[str, object]:
+    """Trains one grid cell, logging to its MLflow run from before the first step.
 
-
-def train(params: Params, resume: bool = False, cell: str | None = None) -> dict[str, object]:
-    """Trains one grid cell and logs it to MLflow.
+    The run (``train@<cell>``) gets the resolved configuration at once and, after every epoch, the val mean
+    AUROC and the epsilon spent so far, so the spending can be watched; a run that fails or is stopped
+    (SIGTERM, Ctrl-C) is marked failed with the epsilon it spent, and one killed outright is marked failed by
+    the next run of its cell.
 
     Args:
         params: the resolved configuration (``params.train`` is the cell).
         resume: continue from the cell's last checkpoint and step ledger instead of starting over.
-        cell: the output folder's name (dvc.yaml names the matrix cells itself); default ``cell_name``.
 
     Returns:
         The privacy record and the selection result.
@@ -77,8 +79,10 @@ def train(params: Params, resume: bool = False, cell: str | None = None) -> dict
         StageError: delta not below 1/N, the per-sample gradient self-check failed, the accounting
             cross-check failed, or nothing to resume.
     """
+    import mlflow
+
     t = params.train
-    cell = cell or cell_name(t)
+    cell = t.cell
     out = Path(params.base.artifacts) / STAGE / cell
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
@@ -98,61 +102,111 @@ def train(params: Params, resume: bool = False, cell: str | None = None) -> dict
     if is_private and t.delta >= 1 / n:
         raise StageError(f"train.delta={t.delta:g} is not below 1/N = 1/{n}; choose a smaller delta")
 
-    initialized = _initialize(params, store)
-    model = initialized.model
-    if is_private:
-        _self_check(model, dataset, t)
-    optimizer = _optimizer(model, t)
-    torch.manual_seed(t.seed)
-    if is_private:
-        dp = make_private(model, optimizer, dataset, epsilon=t.epsilon, delta=t.delta, epochs=t.epochs,
-                          max_grad_norm=t.max_grad_norm, logical_batch=t.logical_batch, accountant=t.accountant)
-        model, optimizer, loader, sigma, q = dp.model, dp.optimizer, dp.loader, dp.noise_multiplier, dp.sample_rate
-        accountant = dp.engine.accountant
-    else:
-        base = torch.utils.data.DataLoader(dataset, batch_size=min(t.logical_batch, n))
-        loader = opacus.data_loader.DPDataLoader.from_data_loader(base)   # the same Poisson sampling
-        sigma, q, accountant = 0.0, float(loader.sample_rate), None
-    plain = model._module if is_private else model
-    ledger = StepLedger(out / "ledger.jsonl")
-    state = _resume(out, plain, optimizer, accountant, ledger, sigma, q) if resume else _fresh_state()
+    close_abandoned_runs(cell)
+    with stage_run(STAGE, name=run_name(cell)), _stopped_by_sigterm():
+        mlflow.set_tags({"dp_cxr.cell": cell, "privacy_unit": t.unit, "resumed": str(resume).lower()})
+        mlflow.log_params(flatten(params.model_dump()))
+        state: dict[str, object] = _fresh_state()
+        accountant = None
+        try:
+            initialized = _initialize(params, store)
+            mlflow.set_tags({"init_strategy": initialized.provenance.get("strategy", ""),
+                             "init_source": initialized.provenance.get("source", ""),
+                             "pretrain_run_id": initialized.provenance.get("pretrain_run_id", "")})
+            model = initialized.model
+            if is_private:
+                _self_check(model, dataset, t)
+            optimizer = _optimizer(model, t)
+            torch.manual_seed(t.seed)
+            if is_private:
+                dp = make_private(model, optimizer, dataset, epsilon=t.epsilon, delta=t.delta, epochs=t.epochs,
+                                  max_grad_norm=t.max_grad_norm, logical_batch=t.logical_batch,
+                                  accountant=t.accountant)
+                model, optimizer, loader = dp.model, dp.optimizer, dp.loader
+                sigma, q, accountant = dp.noise_multiplier, dp.sample_rate, dp.engine.accountant
+            else:
+                base = torch.utils.data.DataLoader(dataset, batch_size=min(t.logical_batch, n))
+                loader = opacus.data_loader.DPDataLoader.from_data_loader(base)   # the same Poisson sampling
+                sigma, q = 0.0, float(loader.sample_rate)
+            mlflow.log_metrics({"noise_multiplier": sigma, "sample_rate": q})
+            plain = model._module if is_private else model
+            ledger = StepLedger(out / "ledger.jsonl")
+            if resume:
+                state = _resume(out, plain, optimizer, accountant, ledger, sigma, q)
 
-    spec = ModelSpec(size=t.model, image_size=params.base.image_size, init=initialized.provenance)
-    steps_per_epoch = len(loader)
-    for epoch in range(state["epoch"] + 1, t.epochs + 1):
-        progress = tqdm(total=steps_per_epoch, desc=f"train {cell} epoch {epoch}/{t.epochs}", unit="step",
-                        file=sys.stderr, mininterval=1.0)
-        progress.set_postfix(eps=f"{state['epsilon']:.2f}")
-        if is_private:
-            loss_sum, seen = _private_epoch(model, optimizer, loader, t, ledger, (sigma, q), progress)
-        else:
-            loss_sum, seen = _plain_epoch(model, optimizer, loader, t, ledger, q * n, progress)
-        state["step"] += progress.n
-        progress.close()
-        if accountant is not None:
-            state["epsilon"] = float(accountant.get_epsilon(t.delta))
-        val_auroc = mean_auroc(val_labels, predict(plain, val_images))
-        state["history"].append({"epoch": epoch, "train_loss": loss_sum / max(seen, 1), "val_mean_auroc": val_auroc,
-                                 "epsilon": state["epsilon"], "steps": state["step"]})
-        print(f"train: epoch {epoch}: val mean AUROC {val_auroc:.4f}, epsilon {state['epsilon']:.3f}, "
-              f"{state['step']} steps", file=sys.stderr)
-        if val_auroc > state["best_auroc"] or state["best_epoch"] == 0:
-            state["best_auroc"], state["best_epoch"] = val_auroc, epoch
-            save_model(plain, spec, out)
-        state["epoch"] = epoch
-        save_checkpoint(out / CHECKPOINT, plain, optimizer,
-                        {**state, "accountant_history": [list(h) for h in accountant.history] if accountant else []})
+            spec = ModelSpec(size=t.model, image_size=params.base.image_size, init=initialized.provenance)
+            steps_per_epoch = len(loader)
+            for epoch in range(state["epoch"] + 1, t.epochs + 1):
+                progress = tqdm(total=steps_per_epoch, desc=f"train {cell} epoch {epoch}/{t.epochs}", unit="step",
+                                file=sys.stderr, mininterval=1.0)
+                progress.set_postfix(eps=f"{state['epsilon']:.2f}")
+                if is_private:
+                    _private_epoch(model, optimizer, loader, t, ledger, (sigma, q), progress)
+                else:
+                    _plain_epoch(model, optimizer, loader, t, ledger, q * n, progress)
+                state["step"] += progress.n
+                progress.close()
+                if accountant is not None:
+                    state["epsilon"] = float(accountant.get_epsilon(t.delta))
+                val_auroc = mean_auroc(val_labels, predict(plain, val_images))
+                state["history"].append({"epoch": epoch, "val_mean_auroc": val_auroc, "epsilon": state["epsilon"],
+                                         "steps": state["step"]})
+                mlflow.log_metrics({"val_mean_auroc": val_auroc, "epsilon": _metric(state["epsilon"]),
+                                    "steps": state["step"]}, step=epoch)
+                print(f"train: epoch {epoch}: val mean AUROC {val_auroc:.4f}, epsilon {state['epsilon']:.3f}, "
+                      f"{state['step']} steps", file=sys.stderr)
+                if val_auroc > state["best_auroc"] or state["best_epoch"] == 0:
+                    state["best_auroc"], state["best_epoch"] = val_auroc, epoch
+                    save_model(plain, spec, out)
+                state["epoch"] = epoch
+                save_checkpoint(out / CHECKPOINT, plain, optimizer,
+                                {**state, "accountant_history": [list(h) for h in accountant.history]
+                                 if accountant else []})
+        except BaseException:
+            # What a failed or stopped run spent is part of its record (every executed step touched the data).
+            spent = accountant.get_epsilon(t.delta) if accountant is not None and accountant.history else 0.0
+            mlflow.log_metric("epsilon_spent", _metric(spent if is_private else math.inf))
+            raise
 
-    record = _privacy_record(params, t, accountant, sigma, q, n, state, initialized.provenance)
-    (out / "privacy.json").write_text(record.to_json())
-    (out / "history.json").write_text(json.dumps(state["history"], indent=2))
-    (out / CELL).write_text(json.dumps({"name": cell, **{k: str(getattr(t, k)) for k in GRID_KNOBS}}, indent=2))
-    result = {"cell": cell, "epsilon": record.epsilon, "best_epoch": state["best_epoch"],
-              "val_mean_auroc": state["best_auroc"], "steps": record.steps, "noise_multiplier": sigma}
+        record = _privacy_record(params, t, accountant, sigma, q, n, state, initialized.provenance)
+        (out / "privacy.json").write_text(record.to_json())
+        (out / "history.json").write_text(json.dumps(state["history"], indent=2))
+        mlflow.set_tag("prepare_digest", record.prepare_digest)
+        mlflow.log_metrics({"final_epsilon": _metric(record.epsilon), "epsilon_spent": _metric(record.epsilon),
+                            "best_val_mean_auroc": state["best_auroc"], "best_epoch": state["best_epoch"],
+                            "steps": record.steps})
+        for name in ("privacy.json", "spec.json", "history.json"):
+            mlflow.log_artifact(str(out / name))
     print(f"train: {cell}: best epoch {state['best_epoch']} (val mean AUROC {state['best_auroc']:.4f}), "
           f"epsilon {record.epsilon:.3f} at delta {t.delta:g} after {record.steps} steps -> {out}", file=sys.stderr)
-    _log(params, record, state, out)
-    return result
+    return {"cell": cell, "epsilon": record.epsilon, "best_epoch": state["best_epoch"],
+            "val_mean_auroc": state["best_auroc"], "steps": record.steps, "noise_multiplier": sigma}
+
+
+def _metric(epsilon: float) -> float:
+    """Epsilon as an MLflow metric (which cannot hold infinity): -1 for the non-private baseline."""
+    return epsilon if math.isfinite(epsilon) else -1.0
+
+
+@contextmanager
+def _stopped_by_sigterm() -> Iterator[None]:
+    """Turns SIGTERM into an exception while training.
+
+    SIGTERM is what DVC, MLflow and schedulers send to stop a job; as an exception, the MLflow run is closed
+    as failed with what it spent instead of staying "running" forever.
+    """
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, stop)
+    except ValueError:       # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _training_rows(store: object, t: Train) -> tuple[np.ndarray, object]:
@@ -177,7 +231,7 @@ def _initialize(params: Params, store: SiteStore) -> Initialized:
     folder = t.init.removeprefix("domain").removeprefix(":")
     if folder:
         return Initialized(_load_pretrained(Path(folder), params, store), {"strategy": "domain", "source": folder})
-    from pipelines.registry import download, get_version
+    from models.registry import download, get_version
 
     name = f"{params.pretrain.registered_model}-{t.model}"
     try:
@@ -194,29 +248,15 @@ def _initialize(params: Params, store: SiteStore) -> Initialized:
 
 def _load_pretrained(folder: Path, params: Params, store: SiteStore) -> nn.Module:
     """The pretrain stage's model in ``folder``, once it is known to share no data with the private site."""
-    _refuse_overlap(folder / SOURCE, store, params.data.sites[params.private_site()].format)
+    try:
+        refuse_overlap(folder / SOURCE, store, params.data.sites[params.private_site()].format)
+    except SourceOverlapError as error:
+        raise StageError(str(error)) from None
     model, spec = load_model(folder)
     if (spec.size, spec.image_size) != (params.train.model, params.base.image_size):
         raise StageError(f"the pretrained model in {folder} is convnext_{spec.size} at {spec.image_size} px; this cell "
                          f"is convnext_{params.train.model} at {params.base.image_size} px: pretrain that size")
     return model
-
-
-def _refuse_overlap(source: Path, store: SiteStore, format: str) -> None:
-    """Refuses a pretraining source that saw any private image or patient (DP fine-tuning would not cover them)."""
-    if not source.is_file():
-        raise StageError(f"{source} is missing: without the pretraining source manifest the overlap with the "
-                         f"private site cannot be checked; pretrain with this version's pretrain stage")
-    manifest = json.loads(source.read_text())
-    images = store.metadata["content_hash"].dropna().astype(str).isin(set(manifest["content_hashes"]))
-    patients = 0
-    if manifest["format"] == format:  # patient ids are only comparable within one data set's id space
-        hashed = store.metadata["patient_id"].dropna().astype(str).map(hash_id)
-        patients = int(hashed.isin(set(manifest["patient_ids"])).sum())
-    if images.any() or patients:
-        raise StageError(f"the pretraining source {manifest['site']} shares {int(images.sum())} images and "
-                         f"{patients} patient images with the private site: pretrain on data disjoint from it, or "
-                         f"the private data would be used without the DP guarantee")
 
 
 def _self_check(model: nn.Module, dataset: torch.utils.data.Dataset, t: Train) -> None:
@@ -242,9 +282,12 @@ def _losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _private_epoch(model: nn.Module, optimizer: object, loader: object, t: Train, ledger: StepLedger,
-                   mechanism: tuple[float, float], progress: tqdm) -> tuple[float, int]:
-    """One epoch of DP-SGD: Poisson logical batches in physical chunks; clipping and noise at each logical step."""
-    loss_sum, seen = 0.0, 0
+                   mechanism: tuple[float, float], progress: tqdm) -> None:
+    """One epoch of DP-SGD: Poisson logical batches in physical chunks; clipping and noise at each logical step.
+
+    No statistic of the training examples (not even their mean loss) leaves this loop: it would be released
+    without the DP guarantee.
+    """
     with BatchMemoryManager(data_loader=loader, max_physical_batch_size=t.physical_batch,
                             optimizer=optimizer) as batches:
         for x, y in batches:
@@ -252,29 +295,22 @@ def _private_epoch(model: nn.Module, optimizer: object, loader: object, t: Train
             if final:
                 ledger.record(*mechanism)   # before the step that releases noise about these examples
             optimizer.zero_grad()
-            losses = _losses(model, x, y)
-            losses.mean().backward()
+            _losses(model, x, y).mean().backward()
             optimizer.step()                # accumulates, or clips + noises + updates at the logical batch's end
-            loss_sum, seen = loss_sum + float(losses.detach().sum()), seen + len(x)
             if final:
                 progress.update(1)
-    return loss_sum, seen
 
 
 def _plain_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: object, t: Train, ledger: StepLedger,
-                 expected_batch: float, progress: tqdm) -> tuple[float, int]:
+                 expected_batch: float, progress: tqdm) -> None:
     """One non-private epoch over the same Poisson logical batches, averaged over the expected batch size."""
-    loss_sum, seen = 0.0, 0
     for x, y in loader:
         ledger.record(0.0, float(loader.sample_rate))
         optimizer.zero_grad()
         for cx, cy in zip(torch.split(x, t.physical_batch), torch.split(y, t.physical_batch), strict=True):
-            losses = _losses(model, cx, cy)
-            (losses.sum() / expected_batch).backward()
-            loss_sum, seen = loss_sum + float(losses.detach().sum()), seen + len(cx)
+            (_losses(model, cx, cy).sum() / expected_batch).backward()
         optimizer.step()
         progress.update(1)
-    return loss_sum, seen
 
 
 def _fresh_state() -> dict[str, object]:
@@ -335,52 +371,43 @@ def _prepare_digest(params: Params) -> str:
         return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()[:32]
 
 
-def _log(params: Params, record: PrivacyRecord, state: dict[str, object], out: Path) -> None:
-    """Aggregates and privacy parameters only: no per-example data reaches MLflow."""
-    import mlflow
-
-    with stage_run(STAGE, name=f"{STAGE}@{out.name}"):
-        mlflow.set_tag("dp_cxr.cell", out.name)
-        mlflow.set_tags({"init_strategy": record.init.get("strategy", ""), "init_source": record.init.get("source", ""),
-                         "pretrain_run_id": record.init.get("pretrain_run_id", ""),
-                         "prepare_digest": record.prepare_digest, "privacy_unit": record.unit})
-        mlflow.log_params(_flatten(asdict(params)))
-        for row in state["history"]:
-            mlflow.log_metrics({"train_loss": row["train_loss"], "val_mean_auroc": row["val_mean_auroc"],
-                                "epsilon": row["epsilon"] if math.isfinite(row["epsilon"]) else -1.0},
-                               step=row["epoch"])
-        mlflow.log_metrics({"final_epsilon": record.epsilon if math.isfinite(record.epsilon) else -1.0,
-                            "best_val_mean_auroc": state["best_auroc"], "best_epoch": state["best_epoch"],
-                            "noise_multiplier": record.noise_multiplier, "sample_rate": record.sample_rate,
-                            "steps": record.steps})
-        for name in ("privacy.json", "spec.json", "history.json"):
-            mlflow.log_artifact(str(out / name))
+def _flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the cell from its last checkpoint; every step in its ledger is charged")
+    parser.add_argument("--cell", action=CellFlag, metavar="NAME",
+                        help="the grid cell to train, by its name <init>-<epsilon>-<model>-<fraction>-<seed> "
+                             "(e.g. scratch-8-atto-1.0-0; what dvc.yaml passes)")
+    for knob in GRID_KNOBS:
+        parser.add_argument("--" + knob.replace("_", "-"), action=SetKey, key=f"train.{knob}", metavar="VALUE",
+                            help=f"train.{knob} of the cell (an empty value keeps params.yaml's)")
 
 
+class CellFlag(argparse.Action):
+    """``--cell NAME``: sets the five grid knobs from a cell name."""
 
-def _flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
-    """The resolved configuration as MLflow params: ``{"train.epsilon": 8.0, "data.sites.x.format": ...}``."""
-    flat: dict[str, object] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object,
+                 option_string: str | None = None) -> None:
+        """Records the name and adds ``train.<knob>=<value>`` overrides for its five knobs (empty: no cell)."""
+        if value == "":
+            return
+        try:
+            knobs = parse_cell(str(value))
+        except ValueError as error:
+            parser.error(str(error))
+        namespace.cell = value
+        namespace.set_keys = [*namespace.set_keys, *(f"train.{k}={v}" for k, v in knobs.items())]
+
+
+def _work(params: Params, args: argparse.Namespace) -> None:
+    if args.cell and params.train.cell != args.cell:
+        raise StageError(f"--cell {args.cell} names the cell {params.train.cell}: write the cell name as the grid "
+                         f"spells it (or drop the -P override of its knobs)")
+    train(params, resume=args.resume)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m pipelines.train [--resume] [--cell NAME] [--epsilon 3 --init domain ...] [-P train.lr=1e-3 ...]``.
-
-    The grid knobs have their own flags (an empty value keeps params.yaml's); any other key goes through -P.
-    """
-    args = list(sys.argv[1:] if argv is None else argv)
-    resume, cell = pop_flag(args, "--resume"), pop_option(args, "--cell")
-    for knob in GRID_KNOBS:
-        value = pop_option(args, "--" + knob.replace("_", "-"))
-        if value:
-            args += ["-P", f"train.{knob}={value}"]
-    run_stage(STAGE, lambda params: train(params, resume=resume, cell=cell), args)
+    """``python -m pipelines.train [--resume] [--cell NAME | --epsilon 3 --init domain ...] [-P train.lr=1e-3 ...]``."""
+    run_stage(STAGE, _work, argv, flags=_flags)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from pipelines.config import Params, load_params
+from serving.settings import ServingConfig, load_serving_config
 
 BENTO_PREFIX = "dp-cxr"
 COPIED = ("model.safetensors", "spec.json", "model_card.md")
@@ -26,11 +26,11 @@ def bento_model_name(alias: str) -> str:
     return f"{BENTO_PREFIX}-{alias}"
 
 
-def import_registered(params: Params, alias: str | None = None) -> object:
+def import_registered(config: ServingConfig, alias: str | None = None) -> object:
     """Imports ``register.name@alias`` into the BentoML store (``BENTOML_HOME``) unless that version is there.
 
     Args:
-        params: the configuration (``register.name``, ``serve.alias``).
+        config: the serving configuration (``register.name``, ``serve.alias``).
         alias: the alias to import (default ``serve.alias``).
 
     Returns:
@@ -42,10 +42,10 @@ def import_registered(params: Params, alias: str | None = None) -> object:
     import bentoml
     import bentoml.exceptions
 
-    from pipelines.registry import download, get_version
+    from models.registry import download, get_version
 
-    alias = alias or params.serve.alias
-    registered = get_version(params.register.name, alias)
+    alias = alias or config.serve.alias
+    registered = get_version(config.registered_model, alias)
     name = bento_model_name(alias)
     try:
         existing_models = bentoml.models.list(name)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--alias", default=None)
     args = parser.parse_args(argv)
     try:
-        model = import_registered(load_params(args.params), args.alias)
+        model = import_registered(load_serving_config(args.params), args.alias)
     except (LookupError, FileNotFoundError, ValueError) as error:
         print(f"model_store: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -26,11 +26,11 @@ from bentoml.exceptions import BentoMLException, InvalidArgument
 from models.convnext import predict
 from models.preprocessing import ImageDecodeError, decode_bytes, preprocess
 from models.weights import load_model
-from pipelines.config import load_params
 from serving.model_store import bento_model_name
+from serving.settings import load_serving_config
 from serving.security import BearerAuth, BodyLimit, JsonErrors
 
-PARAMS = load_params(Path(os.environ.get("DP_CXR_PARAMS", "params.yaml")))
+SETTINGS = load_serving_config(Path(os.environ.get("DP_CXR_PARAMS", "params.yaml"))).serve
 
 
 class UnsupportedImage(BentoMLException):
@@ -43,7 +43,7 @@ class UnsupportedImage(BentoMLException):
 class CXRClassifier:
     """Chest X-ray multi-label classifier trained with differential privacy."""
 
-    bento_model = bentoml.models.BentoModel(f"{bento_model_name(PARAMS.serve.alias)}:latest")
+    bento_model = bentoml.models.BentoModel(f"{bento_model_name(SETTINGS.alias)}:latest")
 
     def __init__(self) -> None:
         self.model, self.spec = load_model(Path(self.bento_model.path))
@@ -66,7 +66,7 @@ class CXRClassifier:
         """One image -> per-label probability, decision at the stored threshold, model and privacy guarantee."""
         return self._answer(self._scores(np.stack([self._prepare(image)]))[0])
 
-    @bentoml.api(batchable=True, max_batch_size=PARAMS.serve.max_batch_size, max_latency_ms=PARAMS.serve.max_latency_ms)
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
     def predict_batch(self, images: list[Path]) -> list[dict]:
         """A list of images -> one answer each; an unusable image gets an ``error`` entry, the others their answer."""
         prepared, answers = [], []
@@ -104,5 +104,5 @@ class CXRClassifier:
 
 
 CXRClassifier.add_asgi_middleware(JsonErrors)
-CXRClassifier.add_asgi_middleware(BodyLimit, max_bytes=PARAMS.serve.max_request_bytes)
-CXRClassifier.add_asgi_middleware(BearerAuth, token_env=PARAMS.serve.token_env)
+CXRClassifier.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_request_bytes)
+CXRClassifier.add_asgi_middleware(BearerAuth, token_env=SETTINGS.token_env)

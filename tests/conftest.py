@@ -1,29 +1,102 @@
-"""Shared fixtures: tool state in temp folders, and a tiny synthetic data set generated once per session."""
+"""Shared fixtures: tool state in temp folders, a tiny synthetic data set generated once per session, and the tiny
+project built once by `dvc repro` and shared by every test that only reads it."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
+PROJECT_FILES = (".gitignore", "dvc.yaml", "params.yaml", "MLproject", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
+PACKAGES = ("pipelines", "models", "serving")
 
 
 def tiny(params: dict) -> None:
     """Edits raw params.yaml content to the study at a tiny scale: a few hundred 32 px images, one epoch per
-    model, two epsilons, 50 resamples."""
+    model, two inits x two epsilons x two data fractions, 50 resamples."""
     # A few hundred images cannot meet the default subgroup thresholds: relax those the tiny set misses.
     params["validate"].update(min_test_age_bin_count=0, min_prevalence=0.0, max_prevalence=1.0)
     params["base"]["image_size"] = 32
+    params["prepare"]["workers"] = 1
     params["pretrain"].update(epochs=1, batch=32)
     params["train"].update(epochs=1, logical_batch=32, physical_batch=32, self_check_images=2)
-    params["grid"].update(inits=["scratch", "domain"], epsilons=[8, "inf"])
+    params["grid"].update(inits=["scratch", "domain"], epsilons=[8, "inf"], data_fractions=[0.5, 1.0])
     params["evaluate"].update(resamples=50, min_subgroup_positives=3)
     params["register"].update(aliases={"champion": 8, "non-private-baseline": "inf"}, private_aliases=["champion"])
+
+
+@dataclass(frozen=True)
+class Project:
+    """A clone of the project's pipeline files with the tiny data set tracked by DVC and its own MLflow store."""
+
+    root: Path
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": self.tracking_uri}
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Runs a command in the project (``dvc``, ``mlflow`` and ``python`` are this environment's)."""
+        result = subprocess.run(args, cwd=self.root, env=self.env(), capture_output=True, text=True)
+        if check:
+            assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        return result
+
+    def dvc(self, *args: str) -> str:
+        result = self.run("dvc", *args)
+        return result.stdout + result.stderr
+
+    def stale(self) -> set[str]:
+        """The stages `dvc status` reports as changed."""
+        return {line[:-1] for line in self.dvc("status").splitlines()
+                if line.endswith(":") and not line.startswith(("\t", " "))}
+
+    def params(self) -> dict:
+        return yaml.safe_load((self.root / "params.yaml").read_text())
+
+    def write_params(self, raw: dict) -> None:
+        (self.root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    def copy(self, to: Path) -> Project:
+        """An independent copy (files, DVC cache, MLflow store), e.g. for a test that changes the project."""
+        shutil.copytree(self.root, to, symlinks=True)
+        copied = Project(to)
+        # The experiments' artifact locations are absolute: point them at the copy's own folder.
+        import sqlite3
+
+        with sqlite3.connect(to / "mlflow.db") as db:
+            db.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)",
+                       (str(self.root), str(to)))
+        return copied
+
+
+def make_project(root: Path, data: Path) -> Project:
+    """Copies the pipeline files, the packages and the tiny data set into ``root`` and tracks the data with DVC."""
+    for name in PROJECT_FILES:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, root / name)
+    for package in PACKAGES:
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(data, root / "data")
+    project = Project(root)
+    raw = project.params()
+    tiny(raw)
+    project.write_params(raw)
+    project.run("git", "init", "-q")
+    project.dvc("add", "-q", "data")
+    return project
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -50,6 +123,15 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synthetic") / "data"
     generate(root, seed=7, scale=0.06, workers=2)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Project:
+    """The tiny study built once by `dvc repro` (every stage, the grid, the registry). Read it; never change it:
+    a test that changes the project works on ``tiny_project.copy(...)``."""
+    project = make_project(tmp_path_factory.mktemp("tiny-project") / "project", tiny_data)
+    project.dvc("repro")
+    return project
 
 
 @pytest.fixture

@@ -19,7 +19,8 @@ import re
 import numpy as np
 import pandas as pd
 
-LABELS: tuple[str, ...] = ("atelectasis", "cardiomegaly", "pleural_effusion", "pneumonia", "no_finding")
+from models.labels import LABELS
+
 MANIFEST_COLUMNS: tuple[str, ...] = (
     "image_id", "patient_id", "study_id", "site", "path", "view", "sex", "age", "split", *LABELS,
 )
@@ -89,11 +90,6 @@ def parse_label(value: object) -> float:
     if number not in (1.0, 0.0, -1.0):
         raise ValueError(f"label value {value!r} is not one of 1.0, 0.0, -1.0 or blank")
     return number
-
-
-def empty_manifest() -> pd.DataFrame:
-    """A manifest with no rows and the right columns."""
-    return finalize_manifest(pd.DataFrame({column: [] for column in MANIFEST_COLUMNS}))
 
 
 def finalize_manifest(frame: pd.DataFrame) -> pd.DataFrame:

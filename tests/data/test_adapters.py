@@ -1,4 +1,4 @@
-"""Each adapter on small fixture files in its native format, with the edge cases of reference/datasets.md."""
+"""Each adapter on small fixture files in its native format, with the edge cases of the real releases."""
 
 import gzip
 from pathlib import Path

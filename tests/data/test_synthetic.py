@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 
 from models.preprocessing import decode_file
 from pipelines.config import load_params
@@ -21,6 +22,7 @@ def tree_digest(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_files_whatever_the_workers(tmp_path, tiny_data):
     again = tmp_path / "again"
     generate(again, seed=7, scale=0.06, workers=1)

@@ -1,147 +1,145 @@
-"""The project as users drive it: the whole pipeline through `dvc repro` on a tiny configuration, `dvc push`/`dvc pull`
-to the default remote, the DVC parameter dependencies, `mlflow run`."""
+"""The project as users drive it, on the tiny study built once by `dvc repro`: its outputs and registry, `dvc push`
+/`dvc pull` to the default remote, which stages a change makes stale, `mlflow run` of the same grid, a failing gate."""
 
 import hashlib
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
+import json
 
+import mlflow
+import pandas as pd
 import pytest
-import yaml
 
-from tests.conftest import tiny
+from models.registry import get_version
+from pipelines.cells import run_name
+from pipelines.config import load_params
 
-REPO = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
-PROJECT_FILES = (".gitignore", "dvc.yaml", "params.yaml", "MLproject", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
-
-
-def run(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
+pytestmark = pytest.mark.slow
+PRIVATE = "synthetic-uka-cxr-inhouse"
 
 
-def digest(root: Path) -> dict[str, str]:
+def digest(root):
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".gitignore"}
 
 
-@pytest.fixture
-def project(tmp_path: Path, tiny_data: Path) -> Path:
-    """A fresh clone of the project's pipeline files with the tiny data set tracked by DVC."""
-    root = tmp_path / "project"
-    for name in PROJECT_FILES:
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / name, root / name)
-    for package in ("pipelines", "models"):
-        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(tiny_data, root / "data")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    tiny(params)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run("git", "init", "-q", cwd=root)
-    run(str(BIN / "dvc"), "add", "-q", "data", cwd=root)
-    return root
+def grid_cells(project):
+    return [t.cell for t in load_params(project.root / "params.yaml").grid_cells()]
 
 
-def test_repro_then_push_and_pull_round_trip(project):
-    dvc = str(BIN / "dvc")
-    run(dvc, "repro", cwd=project)
-    assert (project / "artifacts/prepare/report.json").is_file()
-    report = project / "artifacts/report"
+def test_repro_builds_every_stage_and_names_each_cell_once(tiny_project):
+    root = tiny_project.root
+    assert (root / "artifacts/prepare/report.json").is_file()
     assert {"report.md", "report.html", "cross_site_heatmap.png", "auroc_vs_epsilon.png"} <= {
-        p.name for p in report.iterdir()}
-    cells = sorted(p.name for p in (project / "artifacts/train").iterdir() if p.is_dir())
-    assert cells == ["domain_eps8_atto_f1.0_s0", "domain_epsinf_atto_f1.0_s0", "scratch_eps8_atto_f1.0_s0",
-                     "scratch_epsinf_atto_f1.0_s0"]
-    assert "up to date" in run(dvc, "status", cwd=project)
-    # metrics.json is not cached (`cache: false`): git keeps it, as it would in a real clone.
-    before = {**digest(project / "data"), **{f"artifacts/{k}": v for k, v in digest(project / "artifacts").items()
-                                             if k != "metrics.json"}}
-    assert "pushed" in run(dvc, "push", cwd=project)
-    assert (project / ".dvc/storage").is_dir()           # the default remote lives inside the repository
-
-    metrics = (project / "artifacts/metrics.json").read_bytes()
-    for folder in (".dvc/cache", "data", "artifacts"):
-        shutil.rmtree(project / folder)
-    (project / "artifacts").mkdir()
-    (project / "artifacts/metrics.json").write_bytes(metrics)   # git's, in a real clone
-    run(dvc, "pull", cwd=project)
-    after = {**digest(project / "data"), **{f"artifacts/{k}": v for k, v in digest(project / "artifacts").items()
-                                            if k != "metrics.json"}}
-    assert after == before
-    assert "up to date" in run(dvc, "status", cwd=project)
-
-    # A changed parameter makes exactly the stage that reads it stale.
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["prepare"]["val_fraction"] = 0.1
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    assert "prepare" in run(dvc, "status", cwd=project)
-    params["prepare"]["val_fraction"] = 0.15
-    # A new epsilon adds its cells and reruns what reads the grid, nothing else.
-    params["grid"]["epsilons"] = [3, 8, "inf"]
-    (project / "params.yaml").write_text(yaml.safe_dump(params))
-    status = run(dvc, "status", cwd=project).splitlines()
-    stale = {line[:-1] for line in status if line.endswith(":") and not line.startswith(("\t", " "))}
-    assert stale == {"train@scratch-3-atto-1.0-0", "train@domain-3-atto-1.0-0", "evaluate", "report", "register"}
+        p.name for p in (root / "artifacts/report").iterdir()}
+    cells = grid_cells(tiny_project)
+    assert sorted(p.name for p in (root / "artifacts/train").iterdir()) == sorted(cells)
+    assert "domain-8-atto-0.5-0" in cells and len(cells) == 8
+    assert "up to date" in tiny_project.dvc("status")
 
 
-def _registered_model_agrees_with_the_report(project: Path) -> None:
+def test_the_report_shows_the_data_scale_sweep(tiny_project):
+    folder = tiny_project.root / "artifacts/report"
+    assert (folder / "data_fraction_sweep.png").is_file() and not (folder / "model_sweep.png").exists()
+    sweep = pd.read_csv(folder / "data_fraction_sweep.csv", index_col=[0, 1])
+    assert list(sweep.columns) == ["0.5", "1.0"] and len(sweep) == 4     # (init, epsilon) x fraction
+    assert "Data scale" in (folder / "report.md").read_text()
+    assert "δ = 1e-05" in (folder / "results_table.md").read_text()      # the configured delta, not a constant
+
+
+def registered_model_agrees_with_the_report(project):
     """The champion alias names the ε = 8 model with the best val AUROC; its tags match evaluate and report."""
-    import json
-
-    import mlflow
-    import pandas as pd
-
-    from pipelines.registry import get_version
-
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    mlflow.set_tracking_uri(project.tracking_uri)
     champion = get_version("dp-cxr-classifier", "champion")
-    registered = json.loads((project / "artifacts/register/registered.json").read_text())
+    registered = json.loads((project.root / "artifacts/register/registered.json").read_text())
     assert champion.version in [r["version"] for r in registered if r["epsilon"] == 8]
-    assert champion.tags["cell"].split("_")[1] == "eps8"
-    results = pd.read_csv(project / "artifacts/evaluate/results.csv")
-    row = results[(results["cell"] == champion.tags["cell"]) & (results["site"] == "synthetic-uka-cxr-inhouse")
+    assert champion.tags["cell"].split("-")[1] == "8"
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              filter_string=f"run_name = '{run_name(champion.tags['cell'])}'")
+    assert champion.tags["train_run_id"] in {r.info.run_id for r in runs}
+    results = pd.read_csv(project.root / "artifacts/evaluate/results.csv")
+    row = results[(results["cell"] == champion.tags["cell"]) & (results["site"] == PRIVATE)
                   & (results["metric"] == "auroc") & (results["label"] == "mean")].iloc[0]
     assert champion.tags["test_mean_auroc"] == f"{row['value']:.4f}"
-    table = (project / "artifacts/report/results_table.md").read_text()
+    table = (project.root / "artifacts/report/results_table.md").read_text()
     assert f"{row['value']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]" in table
-    privacy = json.loads((project / "artifacts/train" / champion.tags["cell"] / "privacy.json").read_text())
+    privacy = json.loads((project.root / "artifacts/train" / champion.tags["cell"] / "privacy.json").read_text())
     assert champion.tags["privacy.epsilon"] == f"{privacy['epsilon']:.4f}"
     assert get_version("dp-cxr-classifier", "non-private-baseline").tags["privacy.epsilon"] == "inf"
 
 
-def test_mlflow_run_main_runs_the_study_as_one_parent_run(project):
-    import mlflow
+def test_the_registered_model_agrees_with_the_report(tiny_project):
+    registered_model_agrees_with_the_report(tiny_project)
 
-    run(str(BIN / "mlflow"), "run", ".", "--env-manager", "local", "--experiment-name", "study-test",
-        "-P", "overrides=prepare.workers=1", cwd=project)
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+
+def test_push_then_pull_restores_every_file(tiny_project, tmp_path):
+    project = tiny_project.copy(tmp_path / "project")
+    root = project.root
+    # metrics.json is not cached (`cache: false`): git keeps it, as it would in a real clone.
+    before = {**digest(root / "data"), **{f"artifacts/{k}": v for k, v in digest(root / "artifacts").items()
+                                          if k != "metrics.json"}}
+    assert "pushed" in project.dvc("push")
+    assert (root / ".dvc/storage").is_dir()           # the default remote lives inside the repository
+    metrics = (root / "artifacts/metrics.json").read_bytes()
+    for folder in (".dvc/cache", "data", "artifacts"):
+        (root / folder).rename(tmp_path / folder.replace("/", "-"))
+    (root / "artifacts").mkdir()
+    (root / "artifacts/metrics.json").write_bytes(metrics)   # git's, in a real clone
+    project.dvc("pull")
+    after = {**digest(root / "data"), **{f"artifacts/{k}": v for k, v in digest(root / "artifacts").items()
+                                         if k != "metrics.json"}}
+    assert after == before
+    assert "up to date" in project.dvc("status")
+
+
+def test_a_change_makes_exactly_the_stages_it_affects_stale(tiny_project, tmp_path):
+    project = tiny_project.copy(tmp_path / "project")
+    raw = project.params()
+    raw["prepare"]["val_fraction"] = 0.1
+    project.write_params(raw)
+    assert "prepare" in project.stale()
+    raw["prepare"]["val_fraction"] = 0.15
+    # A new epsilon adds its cells and reruns what reads the grid, nothing else.
+    raw["grid"]["epsilons"] = [3, 8, "inf"]
+    project.write_params(raw)
+    assert project.stale() == {"train@scratch-3-atto-0.5-0", "train@scratch-3-atto-1.0-0", "train@domain-3-atto-0.5-0",
+                               "train@domain-3-atto-1.0-0", "evaluate", "report", "register"}
+    raw["grid"]["epsilons"] = [8, "inf"]
+    project.write_params(raw)
+    assert project.stale() == set()
+    # Editing a shared module reruns every stage that runs it (epoch selection, metrics), and no other.
+    with (project.root / "pipelines/metrics.py").open("a") as module:
+        module.write("\n# an edit\n")
+    assert project.stale() == {"pretrain", "evaluate", *(run_name(cell) for cell in grid_cells(project))}
+
+
+def test_mlflow_run_main_of_the_same_grid_runs_the_study_and_evaluate_finds_each_cell_once(tiny_project, tmp_path):
+    project = tiny_project.copy(tmp_path / "project")
+    project.run("mlflow", "run", ".", "--env-manager", "local", "--experiment-name", "study-test")
+    mlflow.set_tracking_uri(project.tracking_uri)
     runs = mlflow.search_runs(experiment_names=["study-test"], output_format="list")
     parent = next(r for r in runs if r.data.tags.get("mlflow.project.entryPoint") == "main")
-    assert parent.info.status == "FINISHED" and parent.data.params["overrides"] == "prepare.workers=1"
+    assert parent.info.status == "FINISHED" and "grid.epsilons" in parent.data.params
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    cells = grid_cells(project)
     assert {"prepare", "validate", "pretrain", "evaluate", "report", "register"} <= children
-    assert {f"train@{c}" for c in ("scratch_eps8_atto_f1_s0", "scratch_epsinf_atto_f1_s0", "domain_eps8_atto_f1_s0",
-                                   "domain_epsinf_atto_f1_s0")} <= children
-    domain = next(r for r in runs if r.info.run_name == "train@domain_eps8_atto_f1_s0")
-    privacy = yaml.safe_load((project / "artifacts/train/domain_eps8_atto_f1_s0/privacy.json").read_text())
+    assert {run_name(cell) for cell in cells} <= children
+    domain = next(r for r in runs if r.info.run_name == "train@domain-8-atto-1.0-0")
+    privacy = json.loads((project.root / "artifacts/train/domain-8-atto-1.0-0/privacy.json").read_text())
     assert privacy["init"]["strategy"] == "domain" and privacy["init"]["pretrain_run_id"]
-    assert domain.data.tags["init_strategy"] == "domain"
-    assert "grid.epsilons" in parent.data.params
-    _registered_model_agrees_with_the_report(project)
+    assert domain.data.tags["init_strategy"] == "domain" and domain.data.tags["dp_cxr.cell"] == "domain-8-atto-1.0-0"
+    # Both ways of running wrote the same folders: one per cell, and evaluate used each once.
+    assert sorted(p.name for p in (project.root / "artifacts/train").iterdir()) == sorted(cells)
+    results = pd.read_csv(project.root / "artifacts/evaluate/results.csv")
+    mean = results[(results["metric"] == "auroc") & (results["label"] == "mean")]
+    assert sorted(mean.groupby("site")["cell"].apply(sorted).iloc[0]) == sorted(cells)
+    assert not mean.duplicated(["cell", "site"]).any()
+    registered_model_agrees_with_the_report(project)
 
 
-def test_mlflow_run_entry_point(project):
-    import mlflow
-
-    run(str(BIN / "mlflow"), "run", ".", "-e", "prepare", "--env-manager", "local",
-        "--experiment-name", "entry-point-test", "-P", "overrides=base.image_size=16 prepare.workers=1", cwd=project)
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+def test_mlflow_run_entry_point(tiny_project, tmp_path):
+    project = tiny_project.copy(tmp_path / "project")
+    project.run("mlflow", "run", ".", "-e", "prepare", "--env-manager", "local", "--experiment-name",
+                "entry-point-test", "-P", "overrides=base.image_size=16")
+    mlflow.set_tracking_uri(project.tracking_uri)
     runs = mlflow.search_runs(experiment_names=["entry-point-test"], output_format="list")
     assert len(runs) == 1
     logged = runs[0]
@@ -154,16 +152,16 @@ def test_mlflow_run_entry_point(project):
     assert not any("image_id" in key or "path" in key for key in {**logged.data.params, **logged.data.metrics})
 
 
-def test_a_failing_gate_stops_dvc_repro(project):
-    defaults = yaml.safe_load((REPO / "params.yaml").read_text())["validate"]
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["validate"] = defaults          # a few hundred images miss the default age-bin counts
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}
-    result = subprocess.run([str(BIN / "dvc"), "repro"], cwd=project, env=env, capture_output=True, text=True)
+def test_a_failing_gate_stops_dvc_repro(tiny_project, tmp_path):
+    project = tiny_project.copy(tmp_path / "project")
+    raw = project.params()
+    raw["validate"]["min_test_age_bin_count"] = 5      # a few hundred images miss the default age-bin counts
+    project.write_params(raw)
+    result = project.run("dvc", "repro", check=False)
+    output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "age.bin_in_test_split" in result.stderr + result.stdout
-    assert "validate: error:" in result.stderr + result.stdout
+    assert "age.bin_in_test_split" in output and "validate: error:" in output
+    assert "Running stage 'prepare'" not in output                # prepare was cached
     # The results are there to read, but DVC has not recorded the stage as done.
-    assert (project / "artifacts/validate/summary.json").is_file()
-    assert "validate" in run(str(BIN / "dvc"), "status", cwd=project)
+    assert (project.root / "artifacts/validate/summary.json").is_file()
+    assert "validate" in project.stale()

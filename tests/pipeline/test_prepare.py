@@ -84,7 +84,13 @@ def test_command_line_errors_are_one_line(workspace):
     result = subprocess.run([sys.executable, "-m", "pipelines.prepare", "-P", "prepare.wokers=1"],
                             capture_output=True, text=True, cwd=workspace)
     assert result.returncode == 2
-    assert result.stderr.strip() == "prepare: error: override 'prepare.wokers=1': unknown key 'prepare.wokers'"
+    assert result.stderr.strip() == ("prepare: error: override 'prepare.wokers=1': unknown key 'prepare.wokers' "
+                                     "(did you mean workers?)")
+    Path("params.yaml").write_text(Path("params.yaml").read_text().replace("  workers: 2", "  workers: 2\n  wokers: 1"))
+    result = subprocess.run([sys.executable, "-m", "pipelines.prepare"], capture_output=True, text=True, cwd=workspace)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "prepare: error: unknown key prepare.wokers in params.yaml (did you mean workers?)"
+    Path("params.yaml").write_text(Path("params.yaml").read_text().replace("\n  wokers: 1", ""))
     Path("params.yaml").write_text(Path("params.yaml").read_text().replace(
         "path: data/synthetic-padchest", "path: data/missing-padchest"))
     result = subprocess.run([sys.executable, "-m", "pipelines.prepare"], capture_output=True, text=True, cwd=workspace)

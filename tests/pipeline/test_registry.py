@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from models.convnext import create_model, predict
+from models.registry import download, get_version, register
 from models.weights import ModelSpec, load_model, save_model
-from pipelines.registry import download, get_version, register
 from pipelines.tracking import stage_run
 
 

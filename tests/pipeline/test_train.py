@@ -23,7 +23,7 @@ from pipelines.data.synthetic.cohort import SITES
 from pipelines.data.synthetic.generate import generate
 from pipelines.metrics import mean_auroc
 from pipelines.prepare import prepare
-from pipelines.train import cell_name, train
+from pipelines.train import train
 
 REPO = Path(__file__).resolve().parents[2]
 PRIVATE = next(s for s in SITES if s.role == "private")
@@ -68,7 +68,7 @@ def test_a_few_epochs_raise_val_auroc(workspace):
     labels = meta[list(LABELS)].to_numpy()
     untrained = mean_auroc(labels, predict(initialize("scratch", "atto", p.train.seed).model, store.images[rows]))
     result = train(p)
-    trained, _ = load_model(Path("artifacts/train") / cell_name(p.train))
+    trained, _ = load_model(Path("artifacts/train") / p.train.cell)
     assert result["val_mean_auroc"] == pytest.approx(mean_auroc(labels, predict(trained, store.images[rows])))
     assert result["val_mean_auroc"] > untrained + 0.05
 
@@ -76,7 +76,7 @@ def test_a_few_epochs_raise_val_auroc(workspace):
 def test_private_run_records_its_guarantee(workspace):
     p = params("train.epsilon=8", "train.epochs=2")
     train(p)
-    out = Path("artifacts/train") / cell_name(p.train)
+    out = Path("artifacts/train") / p.train.cell
     record = json.loads((out / "privacy.json").read_text())
     n = int((open_site(Path("artifacts/prepare") / PRIVATE.name).metadata["split"] == "train").sum())
     assert record["n"] == n and record["unit"] == "image" and record["accountant"] == "prv"
@@ -91,7 +91,7 @@ def test_private_run_records_its_guarantee(workspace):
 
     import mlflow
     run = mlflow.search_runs(experiment_names=["dp-cxr"], filter_string="tags.`dp_cxr.cell` = "
-                             f"'{cell_name(p.train)}'", output_format="list")[0]
+                             f"'{p.train.cell}'", output_format="list")[0]
     client = mlflow.MlflowClient()
     assert [m.value for m in client.get_metric_history(run.info.run_id, "epsilon")][-1] == pytest.approx(
         record["epsilon"], rel=1e-3)
@@ -130,7 +130,7 @@ def test_patient_unit_samples_patients_and_accounts_with_their_number(workspace)
         assert len(step_patients) == len(set(step_patients))
     p = params("train.unit=patient", "train.epochs=1")
     train(p)
-    record = json.loads((Path("artifacts/train") / cell_name(p.train) / "privacy.json").read_text())
+    record = json.loads((Path("artifacts/train") / p.train.cell / "privacy.json").read_text())
     assert record["unit"] == "patient" and record["n"] == patients
 
 
@@ -153,6 +153,7 @@ train(load_params(Path("params.yaml"), sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_and_counts_every_executed_step(workspace):
     overrides = [*FAST, "train.epsilon=4", "train.epochs=3"]
     uninterrupted = train(load_params(Path("params.yaml"), overrides))
@@ -179,11 +180,11 @@ def test_killed_run_resumes_and_counts_every_executed_step(workspace):
 def _domain_folder(tmp_path, store, format):
     """A pretrained-model folder whose source manifest lists ``store``'s images and patients."""
     from models.weights import ModelSpec, save_model
-    from pipelines.pretrain import source_manifest
+    from pipelines.data.source import source_manifest
 
     folder = tmp_path / "pretrained"
     save_model(initialize("scratch", "atto", 0).model, ModelSpec(size="atto", image_size=64), folder)
-    (folder / "source.json").write_text(json.dumps(source_manifest(store, "a-public-source", format)))
+    (folder / "source.json").write_text(json.dumps(source_manifest(store, "a-public-source", format, "untracked")))
     return folder
 
 
@@ -194,7 +195,7 @@ def test_domain_init_refuses_a_source_sharing_images_with_the_private_site(works
     folder = _domain_folder(workspace, store, "mimic-cxr-jpg")   # another id space: only content can match
     with pytest.raises(StageError, match=f"shares {len(store.metadata)} images and 0 patient images"):
         train(params(f"train.init=domain:{folder}", "train.epsilon=8"))
-    assert not (Path("artifacts/train") / cell_name(params(f"train.init=domain:{folder}").train) / "privacy.json").exists()
+    assert not (Path("artifacts/train") / params(f"train.init=domain:{folder}").train.cell / "privacy.json").exists()
 
 
 def test_domain_init_refuses_a_source_sharing_patients_with_the_private_site(workspace):

@@ -1,8 +1,6 @@
 """The Great Expectations gate: valid metadata passes; each injected defect fails, naming its check."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +50,7 @@ def gate(tmp_path, monkeypatch):
     frames = {name: site_metadata(name, raw["data"]["sites"][name]["role"], seed)
               for seed, name in enumerate((PRIVATE, PUBLIC, EXTERNAL))}
 
-    def run(mutate=None) -> dict:
+    def run(mutate=None, data_docs=False) -> dict:
         data = {name: frame.copy() for name, frame in frames.items()}
         if mutate:
             mutate(data)
@@ -62,7 +60,7 @@ def gate(tmp_path, monkeypatch):
             frame.to_csv(folder / "metadata.csv", index=False)
         params = load_params(Path("params.yaml"))
         try:
-            validate(params)
+            validate(params, data_docs=data_docs)
         except StageError:
             pass
         return json.loads(Path("artifacts/validate/summary.json").read_text())
@@ -75,7 +73,7 @@ def failed_checks(summary: dict) -> set[tuple[str, str, str]]:
 
 
 def test_valid_metadata_passes_and_writes_results_and_data_docs(gate):
-    summary = gate()
+    summary = gate(data_docs=True)
     assert summary["success"], summary["failures"]
     assert summary["evaluated"] > 100
     assert Path("artifacts/validate/results.json").is_file()
@@ -168,16 +166,21 @@ def test_stored_results_never_hold_injected_identifiers_or_values(gate):
         frame.loc[4, "sex"] = "Xylophone"
         frame.loc[5, "age"] = 987.654
 
-    summary = gate(leak)
+    summary = gate(leak, data_docs=True)
     assert not summary["success"]
     stored = "".join(p.read_text(errors="ignore") for p in Path("artifacts/validate").rglob("*") if p.is_file())
     for secret in (LEAK_PATIENT, LEAK_IMAGE, "Xylophone", "987.654"):
         assert secret not in stored
 
 
-def test_command_line_exits_non_zero_with_a_table(gate):
+def test_command_line_exits_non_zero_with_a_table(gate, capsys):
+    from pipelines.validate import main
+
     gate(set_cell(PRIVATE, "sex", "X"))                  # writes the defective metadata
-    result = subprocess.run([sys.executable, "-m", "pipelines.validate"], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert "sex.values" in result.stderr and "1 of " in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("validate: error: 1 expectation(s) failed")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main([])
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2
+    assert "sex.values" in stderr and "1 of " in stderr
+    assert stderr.strip().splitlines()[-1].startswith("validate: error: 1 expectation(s) failed")

@@ -2,8 +2,8 @@
 
 import pytest
 
+from pipelines.cells import Cell
 from pipelines.config import ConfigError, load_params
-from pipelines.evaluate import Cell
 from pipelines.register import version_tags
 from pipelines.stage import StageError
 
@@ -12,7 +12,7 @@ COMPLETE = {"epsilon": 7.99, "delta": 1e-5, "accountant": "prv", "noise_multipli
 
 
 def _cell(tmp_path, record):
-    return Cell("scratch_eps8", tmp_path, load_params().train, record)
+    return Cell("scratch-8-atto-1.0-0", tmp_path, load_params().train, record)
 
 
 @pytest.mark.parametrize("missing", ["noise_multiplier", "accountant", "steps", "unit", "n", "data_version"])

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
+from models.tracking_store import tracking_uri
 from models.weights import SPEC, WEIGHTS
 
-MODEL_CODE = Path(__file__).resolve().parent.parent / "models" / "pyfunc.py"
+MODEL_CODE = Path(__file__).resolve().parent / "pyfunc.py"
 REQUIREMENTS = ("torch", "timm", "safetensors", "numpy", "mlflow")
 
 
@@ -91,7 +92,7 @@ def get_version(name: str, version_or_alias: str) -> RegisteredVersion:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient()
+    client = MlflowClient(tracking_uri(), tracking_uri())
     try:
         if version_or_alias.isdigit():
             mv = client.get_model_version(name, version_or_alias)
@@ -99,7 +100,7 @@ def get_version(name: str, version_or_alias: str) -> RegisteredVersion:
             mv = client.get_model_version_by_alias(name, version_or_alias)
     except MlflowException as error:
         raise LookupError(f"registered model {name}@{version_or_alias} not found in the MLflow registry at "
-                          f"{mlflow_uri()}: run the stage that registers it first") from error
+                          f"{tracking_uri()}: run the stage that registers it first") from error
     return RegisteredVersion(mv.name, str(mv.version), mv.run_id, dict(mv.tags), f"models:/{mv.name}/{mv.version}")
 
 
@@ -113,10 +114,3 @@ def download(registered: RegisteredVersion, into: Path) -> Path:
 
     root = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered.model_uri, dst_path=str(into)))
     return root / "artifacts"
-
-
-def mlflow_uri() -> str:
-    """The registry in use (the tracking URI: they share the database)."""
-    import mlflow
-
-    return mlflow.get_tracking_uri()
