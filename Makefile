@@ -53,14 +53,15 @@ demo: data
 serve: setup
 	$(PY) -m serving.launch --port 3000
 
+# Two workers: the tests sharing the tiny study (xdist group tiny_project) run on one, everything else on the other.
 test: setup
 	$(VENV)/bin/ruff check pipelines models serving tests benchmarks
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadgroup
 
 # The fast loop while changing code: everything not marked slow (unit, data, privacy and single-stage tests).
 check: setup
 	$(VENV)/bin/ruff check pipelines models serving tests benchmarks
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -n 2 -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check pipelines models serving tests benchmarks

@@ -22,7 +22,7 @@ from pathlib import Path
 import opacus
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants import RDPAccountant
+from opacus.accountants import RDPAccountant, create_accountant
 from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer import _mark_as_processed
 from torch import nn
@@ -91,9 +91,12 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Da
     """
     engine = PrivacyEngine(accountant=accountant, secure_mode=False)
     loader = DataLoader(dataset, batch_size=min(logical_batch, len(dataset)))
-    private_model, private_optimizer, private_loader = engine.make_private_with_epsilon(
-        module=model, optimizer=optimizer, data_loader=loader, target_epsilon=epsilon, target_delta=delta,
-        epochs=epochs, max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks")
+    # What Opacus' make_private_with_epsilon plans: q = 1 / batches per epoch, steps = int(epochs / q).
+    sample_rate = 1 / len(loader)
+    sigma = calibrate_noise(epsilon, delta, sample_rate, int(epochs / sample_rate), accountant)
+    private_model, private_optimizer, private_loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
+        poisson_sampling=True, grad_sample_mode="hooks")
     # Same object, same Opacus wiring (accountant hook, noise, skip queue); only the clipping is replaced.
     private_optimizer.__class__ = BoundedClipDPOptimizer
     sampler = private_loader.batch_sampler
@@ -101,6 +104,53 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Da
         raise PrivacyCheckError(f"the training loader samples with {type(sampler).__name__}, not Poisson sampling")
     return PrivateTraining(private_model, private_optimizer, private_loader, engine,
                            float(private_optimizer.noise_multiplier), float(sampler.sample_rate))
+
+
+def calibrate_noise(epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                    tolerance: float = 0.01) -> float:
+    """The noise multiplier of ``get_noise_multiplier``'s contract, found with fewer accountant calls.
+
+    Its epsilon (by ``accountant``, after ``steps``) is at most ``epsilon`` and within ``tolerance`` of it.
+    Opacus bisects sigma from [0, 10], about 20 accountant calls; one PRV call costs about 0.7 s here. Epsilon is
+    smooth and decreasing in sigma, so a bracketing regula falsi (Illinois) on (log sigma, log epsilon) gets there
+    in about six. The answer always lies on the private side: epsilon(sigma) <= target.
+
+    Raises:
+        ValueError: no noise multiplier up to 1e6 reaches the target.
+    """
+    counter = create_accountant(mechanism=accountant)
+
+    def epsilon_at(log_sigma: float) -> float:
+        counter.history = [(math.exp(log_sigma), sample_rate, steps)]
+        return float(counter.get_epsilon(delta=delta))
+
+    def gap(eps: float) -> float:
+        return math.log(eps) - math.log(epsilon)
+
+    # Bracket: at lo the epsilon is above the target, at hi at or below it (compared exactly, not in logs).
+    lo = hi = 0.0
+    eps_lo = eps_hi = epsilon_at(0.0)
+    while eps_hi > epsilon:
+        lo, eps_lo, hi = hi, eps_hi, hi + math.log(2)
+        if hi > math.log(1e6):
+            raise ValueError(f"no noise multiplier reaches epsilon {epsilon:g} at delta {delta:g}: raise the budget")
+        eps_hi = epsilon_at(hi)
+    while eps_lo <= epsilon:
+        hi, eps_hi, lo = lo, eps_lo, lo - math.log(2)
+        eps_lo = epsilon_at(lo)
+    f_lo, f_hi, side = gap(eps_lo), gap(eps_hi), 0
+    while epsilon - eps_hi > tolerance:
+        x = (lo * f_hi - hi * f_lo) / (f_hi - f_lo)
+        eps = epsilon_at(x)
+        if eps > epsilon:
+            lo, eps_lo, f_lo = x, eps, gap(eps)
+            f_hi = f_hi / 2 if side == -1 else f_hi     # Illinois: halve the stale end so it cannot stall
+            side = -1
+        else:
+            hi, eps_hi, f_hi = x, eps, gap(eps)
+            f_lo = f_lo / 2 if side == 1 else f_lo
+            side = 1
+    return math.exp(hi)
 
 
 def ends_logical_step(optimizer: DPOptimizer) -> bool:

@@ -26,12 +26,12 @@ async def _reply(send: Send, status: int, message: str, headers: tuple = ()) -> 
     await send({"type": "http.response.body", "body": body})
 
 
-class BodyTooLarge(Exception):
-    """A streamed request body passed the limit."""
-
-
 class BodyLimit:
-    """Refuses request bodies above ``max_bytes`` with 413."""
+    """Refuses request bodies above ``max_bytes`` with 413.
+
+    A body without a declared length (chunked) is read in full, up to the limit, before the app sees any of it:
+    an app that finds its body cut off mid-parse answers 500, so the refusal has to come first.
+    """
 
     def __init__(self, app: Callable, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -42,30 +42,30 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", [])).get(b"content-length")
         too_large = f"request body exceeds the {self.max_bytes} byte limit; send a smaller image"
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            return await _reply(send, 413, too_large)
-        seen = 0
-        started = False
-
-        async def limited_receive() -> dict:
-            nonlocal seen
+        if declared is not None and declared.isdigit():
+            if int(declared) > self.max_bytes:
+                return await _reply(send, 413, too_large)
+            return await self.app(scope, receive, send)     # the server stops a body at its declared length
+        chunks, size, more = [], 0, True
+        while more:
             message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge
-            return message
+            if message["type"] != "http.request":     # the client went away
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.max_bytes:
+                return await _reply(send, 413, too_large)
+        body, replayed = b"".join(chunks), False
 
-        async def tracking_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()                # after the body: disconnect, as the server would send
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
 
-        try:
-            await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await _reply(send, 413, too_large)
+        return await self.app(scope, replay, send)
 
 
 class BearerAuth:

@@ -27,8 +27,8 @@ from models.convnext import predict
 from models.preprocessing import ImageDecodeError, decode_bytes, preprocess
 from models.weights import load_model
 from serving.model_store import bento_model_name
-from serving.settings import load_serving_config
 from serving.security import BearerAuth, BodyLimit, JsonErrors
+from serving.settings import load_serving_config
 
 SETTINGS = load_serving_config(Path(os.environ.get("DP_CXR_PARAMS", "params.yaml"))).serve
 

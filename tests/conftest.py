@@ -22,14 +22,15 @@ PACKAGES = ("pipelines", "models", "serving")
 
 def tiny(params: dict) -> None:
     """Edits raw params.yaml content to the study at a tiny scale: a few hundred 32 px images, one epoch per
-    model, two inits x two epsilons x two data fractions, 50 resamples."""
+    model, the domain init (pretraining, registry, overlap check) at epsilon 8 and inf on half and all the data
+    (a data-scale sweep, two candidates per epsilon for the registry's choice), 50 resamples."""
     # A few hundred images cannot meet the default subgroup thresholds: relax those the tiny set misses.
     params["validate"].update(min_test_age_bin_count=0, min_prevalence=0.0, max_prevalence=1.0)
     params["base"]["image_size"] = 32
     params["prepare"]["workers"] = 1
     params["pretrain"].update(epochs=1, batch=32)
     params["train"].update(epochs=1, logical_batch=32, physical_batch=32, self_check_images=2)
-    params["grid"].update(inits=["scratch", "domain"], epsilons=[8, "inf"], data_fractions=[0.5, 1.0])
+    params["grid"].update(inits=["domain"], epsilons=[8, "inf"], data_fractions=[0.5, 1.0])
     params["evaluate"].update(resamples=50, min_subgroup_positives=3)
     params["register"].update(aliases={"champion": 8, "non-private-baseline": "inf"}, private_aliases=["champion"])
 
@@ -101,7 +102,16 @@ def make_project(root: Path, data: Path) -> Project:
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_tool_state(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Points MLflow, DVC, BentoML and Great Expectations at a temp folder, so tests leave nothing behind."""
+    """Points MLflow, DVC, BentoML and Great Expectations at a temp folder, so tests leave nothing behind.
+
+    Under xdist each worker (and what it starts) computes on one thread: two workers of two threads each on two
+    cores would oversubscribe them, and torch slows down several times over.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
     state = tmp_path_factory.mktemp("tool-state")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{state / 'mlflow.db'}"
     os.environ["DVC_SITE_CACHE_DIR"] = str(state / "dvc-site-cache")
@@ -127,11 +137,20 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Project:
-    """The tiny study built once by `dvc repro` (every stage, the grid, the registry). Read it; never change it:
-    a test that changes the project works on ``tiny_project.copy(...)``."""
-    project = make_project(tmp_path_factory.mktemp("tiny-project") / "project", tiny_data)
-    project.dvc("repro")
-    return project
+    """The tiny study built once per test run by `dvc repro` (every stage, the grid, the registry), shared by the
+    xdist workers. Read it; never change it: a test that changes the project works on ``tiny_project.copy(...)``."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    root, built = shared / "tiny-project", shared / "tiny-project.built"
+    with FileLock(str(shared / "tiny-project.lock")):
+        if not built.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            project = make_project(root, tiny_data)
+            project.dvc("repro")
+            built.touch()
+    return Project(root)
 
 
 @pytest.fixture

@@ -105,3 +105,21 @@ def test_noise_is_calibrated_to_the_target_over_the_planned_steps():
     planned = [(dp.noise_multiplier, dp.sample_rate, 4 * len(dp.loader))]
     assert epsilon_of(planned, 1e-5, "prv") <= 3.0
     assert epsilon_of(planned, 1e-5, "prv") > 2.9                     # not needlessly noisy either
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+@pytest.mark.parametrize("epsilon, q, steps", [(8.0, 1 / 7, 42), (1.0, 0.01, 300), (3.0, 0.3, 5)])
+def test_calibrated_noise_reaches_the_target_from_the_private_side(accountant, epsilon, q, steps):
+    """The faster search keeps Opacus' contract: epsilon(sigma) <= target, within 0.01 of it, and about Opacus' sigma."""
+    from opacus.accountants import create_accountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from models.privacy import calibrate_noise
+
+    sigma = calibrate_noise(epsilon, 1e-5, q, steps, accountant)
+    counter = create_accountant(accountant)
+    counter.history = [(sigma, q, steps)]
+    assert epsilon - 0.01 <= counter.get_epsilon(1e-5) <= epsilon
+    opacus_sigma = get_noise_multiplier(target_epsilon=epsilon, target_delta=1e-5, sample_rate=q, steps=steps,
+                                        accountant=accountant)
+    assert sigma == pytest.approx(opacus_sigma, rel=0.02)

@@ -1,5 +1,5 @@
 """The inference API: the BentoML service with its middleware, served in-process as the ASGI app `bentoml serve`
-runs (routes, conversions, bad input, auth), and once for real by `bentoml serve` on 127.0.0.1 (a smoke test of
+runs (routes, conversions, bad input, size limit), and once for real by `bentoml serve` on 127.0.0.1 (a smoke test of
 the server, its auth and concurrency). The model is the tiny study's champion, imported from its registry."""
 
 import io
@@ -26,7 +26,7 @@ from serving.launch import running_server
 from serving.model_store import import_registered
 from serving.settings import load_serving_config
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("tiny_project")]
 TOKEN = "s3cret-token-for-tests"
 
 
@@ -57,23 +57,17 @@ def study(tiny_project):
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
-def _client(token: str = "") -> TestClient:
-    """The service's ASGI app (BentoML's, with the project's middleware), started as `bentoml serve` starts it."""
-    os.environ["DP_CXR_API_TOKEN"] = token     # BearerAuth reads it when the app is built
-    from serving.service import CXRClassifier
-
-    return TestClient(CXRClassifier.to_asgi(), raise_server_exceptions=False)
-
-
 @pytest.fixture(scope="module")
 def client(study):
-    with _client() as client:
-        yield client
+    """The service's ASGI app (BentoML's, with the project's middleware), started as `bentoml serve` starts it.
 
+    One per process: BentoML registers the app's metrics globally. Auth is tested around a plain ASGI app
+    (test_security.py) and on the real server below.
+    """
+    os.environ["DP_CXR_API_TOKEN"] = ""
+    from serving.service import CXRClassifier
 
-@pytest.fixture(scope="module")
-def auth_client(study):
-    with _client(TOKEN) as client:
+    with TestClient(CXRClassifier.to_asgi(), raise_server_exceptions=False) as client:
         yield client
 
 
@@ -182,18 +176,6 @@ def test_bad_input_gets_a_4xx_json_error_never_a_500(study, client, caplog, capf
     assert "SECRETNAME" not in logged                                  # patient tags never reach the log
 
 
-def test_with_a_token_every_inference_route_needs_it(study, auth_client):
-    image = _test_image(study).read_bytes()
-    calls = {"predict": {"files": {"image": ("x.png", image)}}, "predict_batch": {"files": [("images", ("x.png", image))]},
-             "privacy": {"json": {}}}
-    for route, kwargs in calls.items():
-        assert auth_client.post(f"/{route}", **kwargs).status_code == 401, route
-        assert auth_client.post(f"/{route}", headers={"Authorization": "Bearer wrong"}, **kwargs).status_code == 401
-        assert auth_client.post(f"/{route}", headers={"Authorization": f"Bearer {TOKEN}"}, **kwargs).status_code == 200
-    assert auth_client.get("/metrics").status_code == 401
-    assert auth_client.get("/readyz").status_code == 200 and auth_client.get("/healthz").status_code == 200
-
-
 def test_bentoml_serve_answers_over_real_http_with_auth_and_fifty_concurrent_requests(study, tmp_path):
     """The one real server: `bentoml serve` on 127.0.0.1, as `make serve` and the bento run it."""
     image = _test_image(study).read_bytes()
@@ -202,9 +184,16 @@ def test_bentoml_serve_answers_over_real_http_with_auth_and_fifty_concurrent_req
         def post(route, **kwargs):
             return httpx.post(f"{url}/{route}", timeout=60, **kwargs)
 
-        assert post("predict", files={"image": ("x.png", image)}).status_code == 401
-        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
         auth = {"Authorization": f"Bearer {TOKEN}"}
+        calls = {"predict": {"files": {"image": ("x.png", image)}},
+                 "predict_batch": {"files": [("images", ("x.png", image))]}, "privacy": {"json": {}}}
+        for route, kwargs in calls.items():
+            assert post(route, **kwargs).status_code == 401, route
+            assert post(route, headers={"Authorization": "Bearer wrong"}, **kwargs).status_code == 401, route
+            assert post(route, headers=auth, **kwargs).status_code == 200, route
+        assert httpx.get(f"{url}/metrics", timeout=10).status_code == 401
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
+        assert httpx.get(f"{url}/healthz", timeout=10).status_code == 200
         privacy = post("privacy", json={}, headers=auth)
         assert privacy.status_code == 200
         assert privacy.json()["privacy"]["epsilon"] == study.version("champion").tags["privacy.epsilon"]

@@ -1,9 +1,9 @@
 """Writes a synthetic site in the native layout of the real data set it mirrors.
 
 Each writer gives the images their native ids and paths, writes the metadata files exactly as the real release
-spells them (the README's real-data section lists the releases), including the quirks the adapters must survive (uncertain and
-blank labels, distractor findings, missing demographics, ages coded 0, MONOCHROME1 DICOMs), and returns one
-``ImageFile`` per cohort row telling the renderer where and how to encode the pixels.
+spells them, including the quirks the adapters must survive (uncertain and blank labels, distractor findings,
+missing demographics, ages coded 0, MONOCHROME1 DICOMs), and returns one ``ImageFile`` per cohort row telling
+the renderer where and how to encode the pixels.
 """
 
 from __future__ import annotations
