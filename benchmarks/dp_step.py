@@ -30,7 +30,7 @@ import json, sys, threading, time, psutil, torch
 from torch.utils.data import Dataset
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 from models.convnext import create_model
-from models.privacy import ends_logical_step, make_private
+from models.privacy import Randomness, ends_logical_step, make_private, plan_mechanism
 
 class Synthetic(Dataset):            # images made on demand, so the data set itself takes no memory
     def __len__(self): return 8192
@@ -41,8 +41,9 @@ class Synthetic(Dataset):            # images made on demand, so the data set it
 logical, steps = int(sys.argv[1]), int(sys.argv[2])
 torch.manual_seed(0)
 model = create_model("atto")
-dp = make_private(model, torch.optim.AdamW(model.parameters()), Synthetic(), epsilon=8.0, delta=1e-5, epochs=1,
-                  max_grad_norm=1.0, logical_batch=logical, accountant="prv")
+mechanism = plan_mechanism(len(Synthetic()), epsilon=8.0, delta=1e-5, epochs=1, logical_batch=logical, accountant="prv")
+dp = make_private(model, torch.optim.AdamW(model.parameters()), Synthetic(), mechanism=mechanism, max_grad_norm=1.0,
+                  logical_batch=logical, accountant="prv", randomness=Randomness.secret())
 # ru_maxrss already holds the import-time peak of the CUDA-enabled torch build: sample the current RSS instead.
 process, peak, running = psutil.Process(), [0], [True]
 def sample():

@@ -12,10 +12,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import os
+import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -81,27 +83,86 @@ class PrivateTraining:
     sample_rate: float
 
 
-def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, *, epsilon: float,
-                 delta: float, epochs: int, max_grad_norm: float, logical_batch: int, accountant: str
+@dataclass(frozen=True)
+class Mechanism:
+    """The subsampled Gaussian mechanism a private run plans: noise multiplier, Poisson rate and steps."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def plan_mechanism(n: int, *, epsilon: float, delta: float, epochs: int, logical_batch: int,
+                   accountant: str) -> Mechanism:
+    """The mechanism Opacus' ``make_private_with_epsilon`` would plan for ``n`` units, found faster.
+
+    q = 1 / (batches per epoch), steps = int(epochs / q), and the noise calibrated to ``epsilon`` over them.
+    """
+    sample_rate = 1 / math.ceil(n / min(logical_batch, n))
+    steps = int(epochs / sample_rate)
+    return Mechanism(calibrate_noise(epsilon, delta, sample_rate, steps, accountant), sample_rate, steps)
+
+
+class Randomness:
+    """The generators of everything random that touches the private data: the Poisson sampling and the noise.
+
+    ``secret`` (every private run): a fresh 256-bit seed from the operating system's CSPRNG (``secrets``), from
+    which SHA-256 derives the 64-bit seeds of two dedicated ``torch.Generator`` (Mersenne Twister) objects, one
+    per purpose. The seed lives only in this constructor: it is never logged, printed, checkpointed or stored,
+    and a resumed run draws a new one. ``public`` (``train.reproducible``): the same two generators seeded from
+    ``train.seed``, so a run can be repeated exactly; such a model has no DP guarantee against anyone who knows
+    the seed (the config, the cell name and MLflow all show it).
+    """
+
+    def __init__(self, seed: bytes, kind: str) -> None:
+        self.kind = kind
+        self.sampling, self.noise = (_derived_generator(seed, purpose) for purpose in (b"poisson-sampling", b"noise"))
+
+    @classmethod
+    def secret(cls) -> Randomness:
+        """Fresh secret randomness for one run."""
+        return cls(secrets.token_bytes(32), "secret")
+
+    @classmethod
+    def public(cls, seed: int) -> Randomness:
+        """Reproducible randomness from a known seed (no guarantee against whoever knows it)."""
+        return cls(str(seed).encode(), "public")
+
+    def describe(self) -> dict[str, str]:
+        """What the privacy record and the model card say about it."""
+        source = ("a fresh 256-bit seed from the OS CSPRNG (Python secrets), never stored" if self.kind == "secret"
+                  else "train.seed (train.reproducible: true): public, no DP guarantee against whoever knows it")
+        return {"noise_seed": self.kind,
+                "noise_generator": f"torch.Generator (mt19937), one each for Poisson sampling and Gaussian noise, "
+                                   f"seeded by SHA-256 from {source}"}
+
+
+def _derived_generator(seed: bytes, purpose: bytes) -> torch.Generator:
+    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(seed + purpose).digest()[:8], "big"))
+
+
+def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, *, mechanism: Mechanism,
+                 max_grad_norm: float, logical_batch: int, accountant: str, randomness: Randomness
                  ) -> PrivateTraining:
-    """Wraps model, optimizer and data for DP-SGD with the noise calibrated to reach ``epsilon`` after ``epochs``.
+    """Wraps model, optimizer and data for DP-SGD with the planned mechanism and the run's own generators.
 
     Raises:
-        PrivacyCheckError: the loader Opacus returns does not sample by Poisson.
+        PrivacyCheckError: the loader does not sample by Poisson at the planned rate.
     """
     engine = PrivacyEngine(accountant=accountant, secure_mode=False)
-    loader = DataLoader(dataset, batch_size=min(logical_batch, len(dataset)))
-    # What Opacus' make_private_with_epsilon plans: q = 1 / batches per epoch, steps = int(epochs / q).
-    sample_rate = 1 / len(loader)
-    sigma = calibrate_noise(epsilon, delta, sample_rate, int(epochs / sample_rate), accountant)
+    # The DataLoader's generator becomes the Poisson sampler's; the noise has its own.
+    loader = DataLoader(dataset, batch_size=min(logical_batch, len(dataset)), generator=randomness.sampling)
     private_model, private_optimizer, private_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma, max_grad_norm=max_grad_norm,
-        poisson_sampling=True, grad_sample_mode="hooks")
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=mechanism.noise_multiplier,
+        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks", noise_generator=randomness.noise)
     # Same object, same Opacus wiring (accountant hook, noise, skip queue); only the clipping is replaced.
     private_optimizer.__class__ = BoundedClipDPOptimizer
     sampler = private_loader.batch_sampler
     if not isinstance(sampler, opacus.utils.uniform_sampler.UniformWithReplacementSampler):
         raise PrivacyCheckError(f"the training loader samples with {type(sampler).__name__}, not Poisson sampling")
+    if (sampler.sample_rate != mechanism.sample_rate or sampler.generator is not randomness.sampling
+            or private_optimizer.generator is not randomness.noise):
+        raise PrivacyCheckError("the sampler and the noise must use the planned rate and the run's own generators")
     return PrivateTraining(private_model, private_optimizer, private_loader, engine,
                            float(private_optimizer.noise_multiplier), float(sampler.sample_rate))
 
@@ -226,9 +287,19 @@ class StepLedger:
 
     def steps(self) -> int:
         """Steps recorded so far."""
-        if not self.path.is_file():
-            return 0
-        return sum(1 for line in self.path.read_text().splitlines() if line.strip())
+        return sum(n for _, _, n in self.history())
+
+    def history(self) -> list[tuple[float, float, int]]:
+        """The recorded steps as (sigma, q, steps) segments, each charged with its own mechanism."""
+        segments: list[tuple[float, float, int]] = []
+        lines = self.path.read_text().splitlines() if self.path.is_file() else []
+        for entry in (json.loads(line) for line in lines if line.strip()):
+            mechanism = (float(entry["sigma"]), float(entry["q"]))
+            if segments and segments[-1][:2] == mechanism:
+                segments[-1] = (*mechanism, segments[-1][2] + 1)
+            else:
+                segments.append((*mechanism, 1))
+        return segments
 
 
 @dataclass(frozen=True)
@@ -236,7 +307,8 @@ class PrivacyRecord:
     """The guarantee of a trained model, stored as ``privacy.json`` next to its weights.
 
     ``epsilon`` is ``inf`` (``"inf"`` in JSON) for the non-private baseline, with sigma, q and steps still
-    describing the sampling.
+    describing the sampling. ``history`` lists the (sigma, q, steps) segments the run charged (its step ledger);
+    ``data_set_epsilon`` is what every private run recorded on the same data set composes to, this one included.
     """
 
     epsilon: float
@@ -254,9 +326,12 @@ class PrivacyRecord:
     history: list[list[float]]
     opacus_version: str
     torch_version: str
-    secure_rng: bool
+    noise_seed: str
+    noise_generator: str
     data_version: str
     prepare_digest: str
+    data_set: str
+    data_set_epsilon: float
     init: dict[str, str]
 
     def to_json(self) -> str:

@@ -178,6 +178,8 @@ class Train(Section):
     physical_batch: Positive
     augment: bool
     self_check_images: Positive
+    reproducible: bool
+    allow_unverified_init: bool
 
     @property
     def cell(self) -> str:
@@ -200,6 +202,13 @@ def _spelled(render: Any, example: str) -> Any:
                 raise ValueError(f"write {value!r} as {canonical}: grid values name the cells, e.g. {example}")
         return values
     return BeforeValidator(check)
+
+
+class Privacy(Section):
+    """``privacy:`` in params.yaml."""
+
+    budget: Number = Field(gt=0)
+    ledger: str
 
 
 class Grid(Section):
@@ -228,7 +237,9 @@ class Register(Section):
     """``register:`` in params.yaml."""
 
     name: str
+    select: Literal["best-of-grid", "fixed"]
     aliases: dict[str, Number]
+    fixed: dict[str, str]
     private_aliases: list[str]
 
     @model_validator(mode="after")
@@ -254,6 +265,7 @@ class Params(Section):
     validate: Validate
     pretrain: Pretrain
     train: Train
+    privacy: Privacy
     grid: Grid
     evaluate: Evaluate
     register: Register
@@ -261,12 +273,22 @@ class Params(Section):
 
     @model_validator(mode="after")
     def _cross_sections(self) -> Params:
-        for alias, eps in self.register.aliases.items():
+        r = self.register
+        for alias, eps in r.aliases.items():
             if eps not in self.grid.epsilons:
                 raise ValueError(f"register.aliases: {alias!r} names epsilon {eps:g}, which is not in grid.epsilons")
-        if self.serve.alias not in self.register.aliases:
-            raise ValueError(f"serve.alias {self.serve.alias!r} is not one of register.aliases "
-                             f"{list(self.register.aliases)}")
+        cells = {t.cell for t in self.grid_cells()}
+        for alias, cell in r.fixed.items():
+            _alias_free(alias, "alias in register.fixed")
+            if cell not in cells:
+                raise ValueError(f"register.fixed: {alias!r} names {cell!r}, which is not a cell of the grid")
+            if alias in r.private_aliases and cell.split("-")[-4] == "inf":
+                raise ValueError(f"register.fixed: {alias!r} is reserved for private models and cannot name {cell}")
+        key = "fixed" if r.select == "fixed" else "aliases"
+        if not getattr(r, key):
+            raise ValueError(f"register.select is {r.select} but register.{key} names no model")
+        if self.serve.alias not in getattr(r, key):
+            raise ValueError(f"serve.alias {self.serve.alias!r} is not one of register.{key} {list(getattr(r, key))}")
         return self
 
     def private_site(self) -> str:

@@ -16,29 +16,48 @@ from __future__ import annotations
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+from models.record import PRIVACY_FIELDS, RECORD, RECORD_FIELDS, privacy_statement, weights_digest
 from pipelines.atomic import atomic_folder
+from pipelines.budget import composed_epsilon
 from pipelines.cells import Cell, trained_cells
 from pipelines.config import Params
 from pipelines.stage import StageError, run_stage
 from pipelines.tracking import cell_run_id, git_commit, stage_run
 
 STAGE = "register"
-PRIVACY_FIELDS = ("epsilon", "delta", "accountant", "noise_multiplier", "sample_rate", "steps", "max_grad_norm",
-                  "unit", "n", "data_version")
+
+
+@dataclass(frozen=True)
+class Choice:
+    """A model to register and why.
+
+    Attributes:
+        cell: the chosen cell.
+        aliases: the aliases that will name it.
+        selection: ``best-of-grid`` (chosen by val AUROC among ``candidates``) or ``fixed`` (named in the config).
+        candidates: every cell the choice looked at (its own cell alone when fixed).
+    """
+
+    cell: Cell
+    aliases: list[str]
+    selection: str
+    candidates: list[Cell]
 
 
 def register_models(params: Params) -> list[dict[str, object]]:
-    """Registers the best model of each epsilon and points the configured aliases at them.
+    """Registers the chosen models with their privacy record, bound to their weights, and points the aliases.
 
     Returns:
         Per registered version: epsilon, cell, registered name, version and aliases.
 
     Raises:
-        StageError: the evaluate stage has not run, or a chosen model's privacy record is incomplete.
+        StageError: the evaluate stage has not run, a chosen model's privacy record is incomplete, or a private
+            alias would name a model without a DP guarantee.
     """
     from models.registry import register
 
@@ -48,51 +67,109 @@ def register_models(params: Params) -> list[dict[str, object]]:
         raise StageError(f"no evaluation in {evaluated}: run `dvc repro evaluate` first (the tags carry its results)")
     results, fairness = pd.read_csv(evaluated / "results.csv"), pd.read_csv(evaluated / "fairness.csv")
     thresholds = json.loads((evaluated / "thresholds.json").read_text())
-    chosen = _best_per_epsilon(trained_cells(params))
     registered = []
     with atomic_folder(Path(params.base.artifacts) / STAGE) as out, stage_run(STAGE):
-        for eps, cell in chosen.items():
-            tags = version_tags(cell, params, results, fairness, thresholds)
-            aliases = [alias for alias, target in r.aliases.items() if _same(target, eps)]
-            if math.isinf(eps) and set(aliases) & set(r.private_aliases):
-                raise StageError(f"aliases {sorted(set(aliases) & set(r.private_aliases))} are reserved for private "
-                                 f"models and cannot name the non-private {cell.name}")
+        for choice in choose(params, trained_cells(params)):
+            cell = choice.cell
+            check_record(cell)
+            record = registered_record(choice, params.train.delta)
+            tags = version_tags(cell, params, results, fairness, thresholds, record)
+            refuse_private_aliases(choice, record, r.private_aliases)
             (out / cell.name).mkdir()
+            (out / cell.name / RECORD).write_text(json.dumps(record, indent=2))
             card = out / cell.name / "model_card.md"
             card.write_text(model_card(cell, tags, r.name))
-            version = register(cell.folder, r.name, tags, aliases, extra_artifacts={"model_card": card},
-                               description=card.read_text())
-            registered.append({"epsilon": "inf" if math.isinf(eps) else eps, "cell": cell.name, "name": r.name,
-                               "version": version.version, "aliases": aliases})
-            print(f"register: {r.name} v{version.version} <- {cell.name} (epsilon {tags['privacy.epsilon']}"
-                  f"{', aliases ' + ', '.join(aliases) if aliases else ''})", file=sys.stderr)
+            version = register(cell.folder, r.name, tags, choice.aliases, description=card.read_text(),
+                               extra_artifacts={"model_card": card, "privacy": out / cell.name / RECORD})
+            registered.append({"epsilon": "inf" if math.isinf(cell.train.epsilon) else cell.train.epsilon,
+                               "cell": cell.name, "name": r.name, "version": version.version,
+                               "aliases": choice.aliases, "privacy_epsilon": record["epsilon"]})
+            print(f"register: {r.name} v{version.version} <- {cell.name} (epsilon {record['epsilon']}, "
+                  f"{choice.selection}{', aliases ' + ', '.join(choice.aliases) if choice.aliases else ''})",
+                  file=sys.stderr)
         (out / "registered.json").write_text(json.dumps(registered, indent=2))
     return registered
+
+
+def refuse_private_aliases(choice: Choice, record: dict[str, str], private_aliases: list[str]) -> None:
+    """Private aliases name only models with a DP guarantee: not the non-private baseline, not a public-seed run.
+
+    Raises:
+        StageError: a private alias would name a model without a guarantee.
+    """
+    refused = set(choice.aliases) & set(private_aliases)
+    if refused and (record["epsilon"] == "inf" or record["noise_seed"] != "secret"):
+        why = ("non-private" if record["epsilon"] == "inf" else
+               "trained with train.reproducible: true (a public noise seed)")
+        raise StageError(f"aliases {sorted(refused)} are reserved for private models and cannot name "
+                         f"{choice.cell.name}: it is {why}, so it has no DP guarantee")
+
+
+def choose(params: Params, cells: list[Cell]) -> list[Choice]:
+    """The models to register: per epsilon the best by val AUROC (``best-of-grid``), or the named cells (``fixed``)."""
+    r = params.register
+    if r.select == "fixed":
+        by_name = {cell.name: cell for cell in cells}
+        named: dict[str, list[str]] = {}
+        for alias, name in r.fixed.items():
+            named.setdefault(name, []).append(alias)
+        return [Choice(by_name[name], aliases, "fixed", [by_name[name]]) for name, aliases in named.items()]
+    choices = []
+    for eps in params.grid.epsilons:
+        candidates = [cell for cell in cells if _same(cell.train.epsilon, eps)]
+        best = max(candidates, key=_val_auroc)       # max keeps the first of equals: grid order
+        aliases = [alias for alias, target in r.aliases.items() if _same(target, eps)]
+        choices.append(Choice(best, aliases, "best-of-grid", candidates))
+    return choices
+
+
+def registered_record(choice: Choice, delta: float) -> dict[str, str]:
+    """The privacy record a registered version carries (and the service serves), as text.
+
+    Under ``best-of-grid`` its epsilon is the PLD composition (dp_accounting) of every candidate's history: the
+    released model depends on all of them, all trained on the same private data. Epsilon is rounded up.
+    """
+    record = choice.cell.privacy
+    private = _finite(record.get("epsilon"))
+    epsilon = record.get("epsilon")
+    if private and len(choice.candidates) > 1:
+        epsilon = composed_epsilon([tuple(h) for c in choice.candidates for h in c.privacy["history"]], delta)
+    values = {**record, "epsilon": _up(epsilon) if private else "inf",
+              "epsilon_cell": _up(record["epsilon"]) if private else "inf",
+              "data_set_epsilon": _up(record.get("data_set_epsilon")) if _finite(record.get("data_set_epsilon"))
+              else "inf", "selection": choice.selection, "candidates": ", ".join(c.name for c in choice.candidates),
+              "weights_sha256": weights_digest(choice.cell.folder)}
+    return {field: _text(values.get(field)) for field in RECORD_FIELDS}
+
+
+def _finite(value: object) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _up(epsilon: object) -> str:
+    """Epsilon shortened to four decimals, rounded up: a shortened epsilon never looks smaller than the real one."""
+    return f"{math.ceil(float(epsilon) * 1e4) / 1e4:.4f}"
 
 
 def _same(a: float, b: float) -> bool:
     return (math.isinf(a) and math.isinf(b)) or math.isclose(a, b)
 
 
-def _best_per_epsilon(cells: list[Cell]) -> dict[float, Cell]:
-    """Per target epsilon, the cell with the best selected-epoch val mean AUROC (ties: the first in grid order)."""
-    best: dict[float, tuple[float, Cell]] = {}
-    for cell in cells:
-        history = json.loads((cell.folder / "history.json").read_text())
-        score = max((h["val_mean_auroc"] for h in history if h["val_mean_auroc"] == h["val_mean_auroc"]),
-                    default=float("-inf"))
-        key = cell.train.epsilon
-        if key not in best or score > best[key][0]:
-            best[key] = (score, cell)
-    return {eps: cell for eps, (_, cell) in best.items()}
+def _val_auroc(cell: Cell) -> float:
+    """The selected epoch's val mean AUROC of a cell (its best)."""
+    history = json.loads((cell.folder / "history.json").read_text())
+    return max((h["val_mean_auroc"] for h in history if h["val_mean_auroc"] == h["val_mean_auroc"]),
+               default=float("-inf"))
 
 
-def version_tags(cell: Cell, params: Params, results: pd.DataFrame, fairness: pd.DataFrame,
-                 thresholds: dict[str, object]) -> dict[str, str]:
-    """The registry tags of one model: privacy record, lineage, evaluation summary, thresholds.
+def check_record(cell: Cell) -> None:
+    """Refuses a cell whose privacy record lacks a field, or whose private mechanism is not a real one.
 
     Raises:
-        StageError: the privacy record lacks a field, or a private model's mechanism is not a real one.
+        StageError: the record is incomplete.
     """
     record = cell.privacy
     missing = [f for f in PRIVACY_FIELDS if record.get(f) in (None, "")]
@@ -103,6 +180,12 @@ def version_tags(cell: Cell, params: Params, results: pd.DataFrame, fairness: pd
     if missing:
         raise StageError(f"{cell.folder} has an incomplete privacy record (missing {', '.join(missing)}): it cannot "
                          f"be registered; retrain the cell with this version's train stage")
+
+
+def version_tags(cell: Cell, params: Params, results: pd.DataFrame, fairness: pd.DataFrame,
+                 thresholds: dict[str, object], registered: dict[str, str]) -> dict[str, str]:
+    """The registry tags of one model: its registered privacy record, lineage, evaluation summary, thresholds."""
+    record = cell.privacy
     private_site = params.private_site()
     mean = results[(results["cell"] == cell.name) & (results["site"] == private_site) & (results["metric"] == "auroc")
                    & (results["label"] == "mean")].iloc[0]
@@ -110,11 +193,10 @@ def version_tags(cell: Cell, params: Params, results: pd.DataFrame, fairness: pd
     sex_gap = gaps[gaps["attribute"] == "sex_gap"]["spd_auroc"]
     age_gaps = gaps[gaps["attribute"] == "age_gap"]["spd_auroc"].abs()
     labels = thresholds["labels"]
-    tags = {f"privacy.{f}": _text(record.get(f)) for f in (*PRIVACY_FIELDS, "epsilon_pld", "epsilon_rdp", "epochs",
-                                                          "secure_rng", "opacus_version", "prepare_digest")}
-    tags |= {"privacy.epsilon": "inf" if not private else f"{float(record['epsilon']):.4f}",
-             "init": record.get("init", {}).get("strategy", cell.train.init),
+    tags = {f"privacy.{field}": value for field, value in registered.items()}
+    tags |= {"init": record.get("init", {}).get("strategy", cell.train.init),
              "init_source": record.get("init", {}).get("source", ""),
+             "init_provenance": record.get("init", {}).get("provenance", ""),
              "pretrain_run_id": record.get("init", {}).get("pretrain_run_id", ""),
              "model_size": cell.train.model, "image_size": str(params.base.image_size), "cell": cell.name,
              "data_version": _text(record.get("data_version")), "git_commit": git_commit(),
@@ -133,41 +215,42 @@ def _text(value: object) -> str:
 
 
 def model_card(cell: Cell, tags: dict[str, str], name: str) -> str:
-    """The model card: what the guarantee means here, the threat model, lineage and evaluation."""
-    private = tags["privacy.epsilon"] != "inf"
-    unit = tags["privacy.unit"]
+    """The model card: the privacy statement, the threat model, lineage and evaluation."""
+    record = {key.removeprefix("privacy."): value for key, value in tags.items() if key.startswith("privacy.")}
+    private = record["epsilon"] != "inf"
+    unit = record["unit"]
+    statement = privacy_statement(record)
     guarantee = (
         f"This model was trained with DP-SGD (Opacus, Poisson sampling, per-sample clipping at C = "
-        f"{tags['privacy.max_grad_norm']}, Gaussian noise multiplier {float(tags['privacy.noise_multiplier']):.4f}, "
-        f"sampling rate {float(tags['privacy.sample_rate']):.4f}, {tags['privacy.steps']} steps) and satisfies "
-        f"(ε = {tags['privacy.epsilon']}, δ = {tags['privacy.delta']})-differential privacy with respect to one "
-        f"**{unit}** of the private training set (N = {tags['privacy.n']} {unit}s), by the "
-        f"{tags['privacy.accountant'].upper()} accountant (cross-checked with dp_accounting: PLD "
-        f"{float(tags['privacy.epsilon_pld']):.4f}, RDP {float(tags['privacy.epsilon_rdp']):.4f}). Whatever the "
-        f"model or its outputs reveal, the probability of any outcome changes by at most a factor e^ε (plus δ) "
-        f"whether or not any one {unit} was in the training data."
+        f"{record['max_grad_norm']}, Gaussian noise multiplier {float(record['noise_multiplier']):.4f}, "
+        f"sampling rate {float(record['sample_rate']):.4f}, {record['steps']} steps) and satisfies "
+        f"(ε = {record['epsilon']}, δ = {record['delta']})-differential privacy with respect to one "
+        f"**{unit}** of the private training set (N = {record['n']} {unit}s). Whatever the model or its outputs "
+        f"reveal, the probability of any outcome changes by at most a factor e^ε (plus δ) whether or not any one "
+        f"{unit} was in the training data."
+        if private and record["noise_seed"] == "secret" else
+        f"**This model has NO differential privacy guarantee against anyone who knows `train.seed`**: it was "
+        f"trained with `train.reproducible: true`, so its sampling and noise can be replayed. Its nominal "
+        f"(ε = {record['epsilon']}, δ = {record['delta']}) holds only against adversaries who do not know the seed."
         if private else
         "**This model is NOT differentially private** (ε = ∞): it is the study's non-private baseline, trained on "
         "the same data with the same loop but without clipping or noise. It can memorise training images and must "
         "not leave the data owner's trust boundary.")
+    lines = "\n".join(f"- {key.replace('_', ' ').capitalize()}: {value}" for key, value in statement.items())
     return f"""# Model card: {name} ({tags['cell']})
 
 ## Privacy guarantee
 {guarantee}
 
-- Privacy unit: {unit}. With `unit: image`, a patient with several images is protected per image only
-  (group privacy: k images get kε).
-- Only the private **training** split is covered; the val split chose the epoch and the thresholds (non-private
-  use of a held-out split, as in the study) and the test split only measured the model.
-- Threat model: an adversary who sees the final weights, or queries the API without limit, and knows everything
-  except whether one {unit} was in the training set. Out of scope: attacks on the floating-point noise
-  sampler — Opacus' secure RNG mode (`secure_mode`) is unavailable with the pinned torch, so training used
-  torch's standard RNG (secure_rng = {tags['privacy.secure_rng']}); side channels of the training machine; the
-  non-private pretraining data (public source, not protected by this guarantee).
+{lines}
+- Weights: SHA-256 {record['weights_sha256']} (the service refuses to serve weights that do not match)
+- Threat model: an adversary who sees the final weights (or every checkpoint), or queries the API without
+  limit, and knows everything — the code, the configuration, `train.seed` — except whether one {unit} was in
+  the training set and the run's secret noise seed.
 
 ## Lineage
 - Initialization: {tags['init']} {tags['init_source']} {('(pretraining run ' + tags['pretrain_run_id'] + ')')
-                                                       if tags['pretrain_run_id'] else ''}
+                                                       if tags['pretrain_run_id'] else ''} {tags['init_provenance']}
 - Model: ConvNeXt-{tags['model_size']}, {tags['image_size']} px grayscale input
 - Training data version (data.dvc md5): {tags['data_version']}; prepared store: {tags['privacy.prepare_digest']}
 - Training run: {tags['train_run_id'] or 'unknown'}; code: git {tags['git_commit']}

@@ -82,7 +82,8 @@ def report(params: Params) -> Path:
         for _, stem, table in sections:
             table.to_csv(out / f"{stem}.csv")
         threshold = results["threshold"].iloc[0]
-        (out / RESULTS_TABLE).write_text(_results_table(main[main["site"] == private], private, params.train.delta))
+        (out / RESULTS_TABLE).write_text(_results_table(main[main["site"] == private], private, params.train.delta,
+                                                        _data_set_epsilon(params, mean["cell"].unique())))
         (out / "report.md").write_text(_markdown(sections, threshold, out))
         (out / "report.html").write_text(_html(sections, threshold, out))
     path = Path(params.base.artifacts) / STAGE / "report.md"
@@ -115,15 +116,25 @@ def _init_by_epsilon(rows: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
-def _results_table(rows: pd.DataFrame, private: str, delta: float) -> str:
+def _data_set_epsilon(params: Params, cells: np.ndarray) -> float:
+    """What every private run recorded on the private data set composes to (the largest, i.e. latest, record)."""
+    spent = [json.loads((Path(params.base.artifacts) / "train" / cell / "privacy.json").read_text()).get(
+        "data_set_epsilon", "inf") for cell in cells]
+    finite = [float(e) for e in spent if math.isfinite(float(e))]
+    return max(finite, default=float("nan"))
+
+
+def _results_table(rows: pd.DataFrame, private: str, delta: float, data_set_epsilon: float) -> str:
     """The headline table: init x epsilon mean AUROC [95% CI] on the private test split, with epsilon spent."""
     table = _init_by_epsilon(rows)
     spent = rows.groupby("epsilon")["epsilon_spent"].max()
     # Rounded up: a shortened epsilon must never look smaller than the one spent.
     note = ", ".join(f"{_eps_label(eps)}: {math.ceil(float(value) * 1000) / 1000:.3f}" for eps, value in spent.items()
                      if math.isfinite(eps))
+    total = (f"; every private run on this data set so far composes to ε = "
+             f"{math.ceil(data_set_epsilon * 1000) / 1000:.3f}" if math.isfinite(data_set_epsilon) else "")
     return (f"Mean AUROC [95% bootstrap CI] on the {private} test split, by initialization and target ε "
-            f"(δ = {delta:g}; ε spent {note}).\n\n{table.to_markdown()}\n")
+            f"(δ = {delta:g}; ε spent {note}{total}).\n\n{table.to_markdown()}\n")
 
 
 def update_readme(params: Params, readme: Path = Path("README.md")) -> None:

@@ -25,6 +25,7 @@ from bentoml.exceptions import BentoMLException, InvalidArgument
 
 from models.convnext import predict
 from models.preprocessing import ImageDecodeError, decode_bytes, preprocess
+from models.record import privacy_statement, verified_record
 from models.weights import load_model
 from serving.model_store import bento_model_name
 from serving.security import BearerAuth, BodyLimit, JsonErrors
@@ -46,16 +47,16 @@ class CXRClassifier:
     bento_model = bentoml.models.BentoModel(f"{bento_model_name(SETTINGS.alias)}:latest")
 
     def __init__(self) -> None:
-        self.model, self.spec = load_model(Path(self.bento_model.path))
+        folder = Path(self.bento_model.path)
+        # The guarantee travels with the weights: refuse to start on weights the record was not issued for.
+        self.guarantee = verified_record(folder)
+        self.model, self.spec = load_model(folder)
         self.model.eval()
         tags = self.bento_model.info.metadata["tags"]
         labels = self.bento_model.info.labels
         self.thresholds = json.loads(tags["thresholds"])
         self.identity = {"name": labels["registered_model"], "version": labels["registered_version"],
                          "alias": labels["alias"], "bento_model": str(self.bento_model.tag)}
-        self.guarantee = {key.removeprefix("privacy."): value for key, value in tags.items()
-                          if key.startswith("privacy.")}
-        self.guarantee["training_data_version"] = tags["data_version"]
         self.card = {key: tags[key] for key in ("init", "model_size", "image_size", "test_site", "test_mean_auroc",
                                                 "test_mean_auroc_ci95", "threshold_rule", "fairness.sex_spd_auroc",
                                                 "fairness.largest_age_spd_auroc", "git_commit", "train_run_id")}
@@ -82,7 +83,8 @@ class CXRClassifier:
     @bentoml.api
     def privacy(self) -> dict:
         """The model's privacy guarantee and model card fields."""
-        return {"model": self.identity, "privacy": self.guarantee, "card": self.card}
+        return {"model": self.identity, "privacy": self.guarantee, "statement": privacy_statement(self.guarantee),
+                "card": self.card}
 
     def _prepare(self, path: Path) -> np.ndarray:
         try:

@@ -37,13 +37,16 @@ def hash_id(patient_id: str) -> str:
     return hashlib.sha256(patient_id.encode()).hexdigest()
 
 
-def refuse_overlap(source: Path, store: SiteStore, format: str) -> None:
+def refuse_overlap(source: Path, store: SiteStore, format: str) -> dict[str, int]:
     """Refuses a pretraining source that saw any private image or patient.
 
     Args:
         source: the pretrained model's ``source.json``.
         store: the private site.
         format: the private site's data-set format (patient ids compare within one format only).
+
+    Returns:
+        The overlap counts (all zero), for the privacy record.
 
     Raises:
         SourceOverlapError: the manifest is missing or the source shares images or patients with the site.
@@ -61,3 +64,4 @@ def refuse_overlap(source: Path, store: SiteStore, format: str) -> None:
         raise SourceOverlapError(f"the pretraining source {manifest['site']} shares {int(images.sum())} images and "
                                  f"{patients} patient images with the private site: pretrain on data disjoint from "
                                  f"it, or the private data would be used without the DP guarantee")
+    return {"exact_copies": 0, "shared_patients": 0}

@@ -14,6 +14,7 @@ import yaml
 
 from models.convnext import predict
 from models.initialization import initialize
+from models.privacy import epsilon_of
 from models.weights import load_model
 from pipelines.config import load_params
 from pipelines.data.datasets import PatientDataset
@@ -23,6 +24,7 @@ from pipelines.data.synthetic.cohort import SITES
 from pipelines.data.synthetic.generate import generate
 from pipelines.metrics import mean_auroc
 from pipelines.prepare import prepare
+from pipelines.tracking import flatten
 from pipelines.train import train
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,6 +91,8 @@ def test_private_run_records_its_guarantee(workspace):
     assert (out / "model.safetensors").is_file() and (out / "spec.json").is_file()
     assert not list(out.rglob("*.pt")) and not list(out.rglob("*.pkl"))
 
+    assert record["noise_seed"] == "secret" and "OS CSPRNG" in record["noise_generator"]
+
     import mlflow
     run = mlflow.search_runs(experiment_names=["dp-cxr"], filter_string="tags.`dp_cxr.cell` = "
                              f"'{p.train.cell}'", output_format="list")[0]
@@ -97,6 +101,37 @@ def test_private_run_records_its_guarantee(workspace):
         record["epsilon"], rel=1e-3)
     assert len(client.get_metric_history(run.info.run_id, "val_mean_auroc")) == 2
     assert run.data.params["train.epsilon"] == "8.0"
+    # Everything the run releases: nothing computed from the training split but epsilon and the privacy record
+    # (val AUROC is the val split's; steps, sigma and q follow from N, the batch and the epochs).
+    assert set(run.data.metrics) == {"noise_multiplier", "sample_rate", "val_mean_auroc", "epsilon", "steps",
+                                     "final_epsilon", "epsilon_spent", "data_set_epsilon", "best_val_mean_auroc",
+                                     "best_epoch"}
+    assert set(run.data.params) == set(flatten(p.model_dump()))
+    assert {t for t in run.data.tags if not t.startswith("mlflow.")} == {
+        "dp_cxr.stage", "dp_cxr.cell", "git_commit", "data_version", "privacy_unit", "resumed", "noise_seed",
+        "privacy.data_set", "init_strategy", "init_source", "pretrain_run_id", "prepare_digest"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"privacy.json", "spec.json", "history.json"}
+    assert {k for row in json.loads((out / "history.json").read_text()) for k in row} == {
+        "epoch", "val_mean_auroc", "epsilon", "steps"}
+
+
+@pytest.mark.slow
+def test_the_noise_is_secret_unless_reproducible_is_asked_for(workspace):
+    """Two private runs of one cell differ (fresh secret noise and sampling); with train.reproducible they are
+    identical, and their record says the seed is public."""
+    from safetensors.torch import load_file
+
+    def weights(*overrides):
+        p = params("train.epsilon=8", "train.epochs=1", *overrides)
+        train(p)
+        out = Path("artifacts/train") / p.train.cell
+        return load_file(str(out / "model.safetensors")), json.loads((out / "privacy.json").read_text())
+
+    (first, _), (second, _) = weights(), weights()
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    (third, record), (fourth, _) = weights("train.reproducible=true"), weights("train.reproducible=true")
+    assert all(torch.equal(third[k], fourth[k]) for k in third)
+    assert record["noise_seed"] == "public" and "no DP guarantee" in record["noise_generator"]
 
 
 def test_delta_must_be_below_one_over_n(workspace):
@@ -140,6 +175,8 @@ from pathlib import Path
 import models.privacy as privacy
 from pipelines.config import load_params
 from pipelines.train import train
+from pipelines.tracking import flatten
+from models.privacy import epsilon_of
 
 calls = {"n": 0}
 record = privacy.StepLedger.record
@@ -154,7 +191,14 @@ train(load_params(Path("params.yaml"), sys.argv[2:]))
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_and_counts_every_executed_step(workspace):
+def test_killed_run_resumes_and_counts_every_executed_step(workspace, tmp_path, monkeypatch):
+    """Also the data set's budget ledger: three runs (one killed, one resumed) compose to its total, which deleting
+    artifacts/ does not reset, and a run the budget cannot pay for is refused before it writes anything."""
+    from models.privacy import StepLedger
+    from pipelines.budget import budget_report, composed_epsilon
+    from pipelines.stage import StageError
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")   # this test's ledger alone
     overrides = [*FAST, "train.epsilon=4", "train.epochs=3"]
     uninterrupted = train(load_params(Path("params.yaml"), overrides))
     steps_per_epoch = uninterrupted["steps"] // 3
@@ -166,6 +210,23 @@ def test_killed_run_resumes_and_counts_every_executed_step(workspace):
     assert sum(1 for _ in (out / "ledger.jsonl").open()) == kill_at
     assert json.loads((out / "checkpoint" / "state.json").read_text())["epoch"] == 1
 
+    def resume_with(*changes):
+        return subprocess.run([sys.executable, "-m", "pipelines.train", "--resume",
+                               *[a for o in [*overrides, *changes] for a in ("-P", o)]], capture_output=True, text=True)
+
+    changed = resume_with("train.max_grad_norm=2.0")
+    assert changed.returncode == 2 and changed.stderr.strip().splitlines() == [
+        f"train: error: cannot resume {out.name}: max_grad_norm was 1.0 in the checkpointed run and is 2.0 now (a "
+        f"guarantee covers one configuration); run without --resume"]
+    assert "epochs was 3" in resume_with("train.epochs=4").stderr
+    epsilon = resume_with("train.epsilon=5")      # another epsilon is another cell: nothing of it to resume
+    assert epsilon.returncode == 2 and "nothing to resume in artifacts/train/scratch-5-atto-1.0-0" in epsilon.stderr
+    # Each ledger line is charged with its own mechanism: make the first epoch's lines noisier than the rest.
+    lines = (out / "ledger.jsonl").read_text().splitlines()
+    sigma = json.loads(lines[0])["sigma"]
+    lines[:steps_per_epoch] = [json.dumps({**json.loads(line), "sigma": 2 * sigma}) for line in lines[:steps_per_epoch]]
+    (out / "ledger.jsonl").write_text("\n".join(lines) + "\n")
+
     resumed = subprocess.run([sys.executable, "-m", "pipelines.train", "--resume",
                               *[a for o in overrides for a in ("-P", o)]], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -173,8 +234,26 @@ def test_killed_run_resumes_and_counts_every_executed_step(workspace):
     executed = sum(1 for _ in (out / "ledger.jsonl").open())
     assert executed == kill_at + 2 * steps_per_epoch               # epochs 2 and 3 ran in full after the resume
     assert record["steps"] == executed == sum(h[2] for h in record["history"])
-    assert record["epsilon"] >= uninterrupted["epsilon"]
+    ledger = StepLedger(out / "ledger.jsonl").history()
+    assert [tuple(h) for h in record["history"]] == ledger and ledger[0][0] == 2 * sigma and len(ledger) == 2
+    assert record["epsilon"] == pytest.approx(epsilon_of(ledger, 1e-5, "prv"), rel=1e-9)
     assert record["epochs"] == 3
+
+    # The data set's ledger: the uninterrupted run, the killed one and the resumed one, all charged.
+    q = record["sample_rate"]
+    runs = [(sigma, q, 3 * steps_per_epoch), (sigma, q, kill_at), (sigma, q, 2 * steps_per_epoch)]
+    [row] = budget_report(params())
+    assert row["runs"] == 3 and row["steps"] == kill_at + 5 * steps_per_epoch
+    assert row["epsilon_spent"] == pytest.approx(composed_epsilon(runs, 1e-5), rel=1e-9)
+    assert record["data_set_epsilon"] == pytest.approx(row["epsilon_spent"], rel=1e-9)
+    shutil.rmtree("artifacts/train")                               # deleting the outputs resets nothing
+    assert budget_report(params())[0]["epsilon_spent"] == row["epsilon_spent"]
+    ledger_file = next(Path(".privacy-ledger").glob("*.jsonl"))
+    before = ledger_file.read_text()
+    over = params("train.epsilon=4", "train.epochs=3", f"privacy.budget={row['epsilon_spent'] + 1}")
+    with pytest.raises(StageError, match=rf"spent epsilon {row['epsilon_spent']:.3f}, this run plans \d\.\d+ more"):
+        train(over)
+    assert not Path("artifacts/train").exists() and ledger_file.read_text() == before
 
 
 def _domain_folder(tmp_path, store, format):
@@ -211,3 +290,26 @@ def test_domain_init_refuses_a_source_sharing_patients_with_the_private_site(wor
     (folder / "source.json").unlink()
     with pytest.raises(StageError, match="overlap with the private site cannot be checked"):
         train(params(f"train.init=domain:{folder}", "train.epsilon=8"))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_init_must_say_what_data_it_saw(workspace):
+    from models.weights import ModelSpec, save_model
+    from pipelines.stage import StageError
+
+    folder = workspace / "weights"
+    save_model(initialize("scratch", "atto", 0).model, ModelSpec(size="atto", image_size=64), folder)
+    with pytest.raises(StageError, match="carries no provenance"):
+        train(params(f"train.init=checkpoint:{folder}", "train.epsilon=8"))
+    baseline = params("train.epsilon=inf", "train.epochs=1")
+    train(baseline)
+    trained = Path("artifacts/train") / baseline.train.cell
+    with pytest.raises(StageError, match="trained non-privately on this private site"):
+        train(params(f"train.init=checkpoint:{trained}", "train.epsilon=8"))
+    assert not (Path("artifacts/train") / params(f"train.init=checkpoint:{trained}").train.cell).exists()
+    allowed = params(f"train.init=checkpoint:{folder}", "train.epsilon=8", "train.epochs=1",
+                     "train.allow_unverified_init=true")
+    train(allowed)
+    record = json.loads((Path("artifacts/train") / allowed.train.cell / "privacy.json").read_text())
+    assert record["init"]["provenance"].startswith("UNVERIFIED")
+

@@ -12,11 +12,13 @@ from torch.utils.data import TensorDataset
 from models.convnext import create_model
 from models.privacy import (
     PrivacyCheckError,
+    Randomness,
     cross_check,
     dp_accounting_epsilons,
     ends_logical_step,
     epsilon_of,
     make_private,
+    plan_mechanism,
 )
 
 
@@ -61,8 +63,10 @@ def tiny_private(n, logical_batch, epsilon=8.0, epochs=1, seed=3):
     dataset = TensorDataset(torch.randn(n, 1, 32, 32), (torch.rand(n, 5) > 0.5).float())
     model = create_model("atto")
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    return make_private(model, optimizer, dataset, epsilon=epsilon, delta=1e-5, epochs=epochs, max_grad_norm=1.0,
-                        logical_batch=logical_batch, accountant="prv")
+    mechanism = plan_mechanism(n, epsilon=epsilon, delta=1e-5, epochs=epochs, logical_batch=logical_batch,
+                               accountant="prv")
+    return make_private(model, optimizer, dataset, mechanism=mechanism, max_grad_norm=1.0,
+                        logical_batch=logical_batch, accountant="prv", randomness=Randomness.secret())
 
 
 def test_poisson_batches_vary_and_every_logical_step_is_counted_empty_ones_included():

@@ -2,12 +2,17 @@
 runs (routes, conversions, bad input, size limit), and once for real by `bentoml serve` on 127.0.0.1 (a smoke test of
 the server, its auth and concurrency). The model is the tiny study's champion, imported from its registry."""
 
+import hashlib
 import io
+import json
 import logging
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import mlflow
@@ -87,8 +92,10 @@ def test_predict_equals_the_offline_model_and_carries_the_registry_guarantee(stu
     served = np.array([body["probabilities"][label] for label in spec.labels])
     assert np.max(np.abs(served - offline)) < 1e-5
     assert body["privacy"] == {k.removeprefix("privacy."): v for k, v in registered.tags.items()
-                               if k.startswith("privacy.")} | {"training_data_version": registered.tags["data_version"]}
-    assert float(body["privacy"]["epsilon"]) <= 8.0 + 0.02 and body["privacy"]["unit"] == "image"
+                               if k.startswith("privacy.")}
+    assert body["privacy"]["data_version"] == registered.tags["data_version"]       # the training data version
+    assert float(body["privacy"]["epsilon_cell"]) <= 8.0 + 0.02 and body["privacy"]["unit"] == "image"
+    assert float(body["privacy"]["epsilon"]) >= float(body["privacy"]["epsilon_cell"])   # the choice is charged
     assert body["model"]["version"] == registered.version and body["model"]["alias"] == "champion"
     assert all(body["decisions"][k] == (body["probabilities"][k] >= body["thresholds"][k]) for k in spec.labels)
 
@@ -115,13 +122,24 @@ def test_batch_answers_each_image(study, client):
     assert first["privacy"]["epsilon"] == bad["privacy"]["epsilon"]
 
 
-def test_privacy_route_equals_the_registry_tags(study, client):
+def test_privacy_route_equals_the_record_bound_to_the_weights_and_the_registry_tags(study, client):
+    import bentoml
+
     body = client.post("/privacy", json={}).json()
     tags = study.version("champion").tags
+    stored = bentoml.models.get(body["model"]["bento_model"])
+    record = json.loads(Path(stored.path_of("privacy.json")).read_text())
+    assert body["privacy"] == record == {k.removeprefix("privacy."): v for k, v in tags.items() if k.startswith("privacy.")}
+    assert record["weights_sha256"] == hashlib.sha256(Path(stored.path_of("model.safetensors")).read_bytes()).hexdigest()
+    assert stored.tag.version == record["weights_sha256"][:32]        # the stored model is keyed on its weights
+    assert float(record["epsilon"]) >= float(record["epsilon_cell"])    # the choice among candidates is charged
+    assert body["statement"]["selection"].startswith("best-of-grid: chosen among domain-8-atto-0.5-0, ")
+    assert "every intermediate model" in body["statement"]["protected"]
     assert body["privacy"]["epsilon"] == tags["privacy.epsilon"] and body["privacy"]["delta"] == tags["privacy.delta"]
     assert body["privacy"]["accountant"] == tags["privacy.accountant"] == "prv"
     assert body["card"]["test_mean_auroc"] == tags["test_mean_auroc"]
-    assert "Opacus' secure RNG mode" in body["card"]["model_card"]
+    assert "Noise seed: secret" not in body["card"]["model_card"]
+    assert "fresh 256-bit seed from the OS CSPRNG" in body["card"]["model_card"]
     baseline = study.version("non-private-baseline").tags
     assert baseline["privacy.epsilon"] == "inf" and baseline["privacy.accountant"] == "none"
 
@@ -174,6 +192,23 @@ def test_bad_input_gets_a_4xx_json_error_never_a_500(study, client, caplog, capf
     assert client.post("/predict", json={}).status_code == 400         # no image field
     logged = caplog.text + "".join(capfd.readouterr())
     assert "SECRETNAME" not in logged                                  # patient tags never reach the log
+
+
+def test_the_service_refuses_weights_its_record_was_not_issued_for(study, tmp_path, monkeypatch):
+    """A store whose weights were swapped after import: `bentoml serve` refuses to start."""
+    # A store of its own (BentoML fixes its store when imported: import through the command line).
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "bentoml"))
+    imported = subprocess.run([sys.executable, "-m", "serving.model_store", "--params", str(study.root / "params.yaml")],
+                              capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr[-2000:]
+    [weights] = (tmp_path / "bentoml" / "models").rglob("model.safetensors")
+    tampered = bytearray(weights.read_bytes())
+    tampered[-1] ^= 1
+    weights.write_bytes(bytes(tampered))
+    with pytest.raises(RuntimeError, match="did not become ready") as refused:
+        with running_server(study.root / "params.yaml", tmp_path / "server.log", ready_timeout=90):
+            pass
+    assert "not the ones the privacy record was issued for" in str(refused.value)
 
 
 def test_bentoml_serve_answers_over_real_http_with_auth_and_fifty_concurrent_requests(study, tmp_path):

@@ -1,30 +1,43 @@
-"""What the registry refuses: incomplete privacy records, and private aliases on the non-private model."""
+"""What the registry refuses and what a registered version claims: incomplete privacy records, private aliases on
+models without a guarantee, the epsilon of a choice among several private runs, epsilon rounded up."""
+
+import json
 
 import pytest
+from safetensors.torch import save_file
 
+from models.privacy import dp_accounting_epsilons
 from pipelines.cells import Cell
 from pipelines.config import ConfigError, load_params
-from pipelines.register import version_tags
+from pipelines.register import Choice, check_record, choose, refuse_private_aliases, registered_record
 from pipelines.stage import StageError
 
 COMPLETE = {"epsilon": 7.99, "delta": 1e-5, "accountant": "prv", "noise_multiplier": 1.1, "sample_rate": 0.1,
-            "steps": 42, "max_grad_norm": 1.0, "unit": "image", "n": 1564, "data_version": "abc"}
+            "steps": 42, "max_grad_norm": 1.0, "unit": "image", "n": 1564, "data_version": "abc",
+            "noise_seed": "secret", "history": [[1.1, 0.1, 42]]}
 
 
-def _cell(tmp_path, record):
-    return Cell("scratch-8-atto-1.0-0", tmp_path, load_params().train, record)
+def _cell(folder, record, name="scratch-8-atto-1.0-0", val_auroc=0.7):
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({"w": torch.zeros(3)}, str(folder / "model.safetensors"))
+    (folder / "history.json").write_text(json.dumps([{"epoch": 1, "val_mean_auroc": val_auroc}]))
+    params = load_params()
+    train = next(t for t in params.grid_cells() if t.cell == name)
+    return Cell(name, folder, train, record)
 
 
 @pytest.mark.parametrize("missing", ["noise_multiplier", "accountant", "steps", "unit", "n", "data_version"])
 def test_a_private_model_without_a_complete_privacy_record_is_refused(tmp_path, missing):
     record = {k: v for k, v in COMPLETE.items() if k != missing}
     with pytest.raises(StageError, match=f"incomplete privacy record \\(missing {missing}\\)"):
-        version_tags(_cell(tmp_path, record), load_params(), None, None, {})
+        check_record(_cell(tmp_path, record))
 
 
 def test_a_finite_epsilon_without_noise_is_refused(tmp_path):
     with pytest.raises(StageError, match="a noise multiplier, an accountant and steps"):
-        version_tags(_cell(tmp_path, {**COMPLETE, "noise_multiplier": 0.0}), load_params(), None, None, {})
+        check_record(_cell(tmp_path, {**COMPLETE, "noise_multiplier": 0.0}))
 
 
 def test_private_aliases_never_name_the_non_private_model():
@@ -34,3 +47,43 @@ def test_private_aliases_never_name_the_non_private_model():
         load_params(overrides=["register.aliases={latest: 8}"])
     with pytest.raises(ConfigError, match="not in grid.epsilons"):
         load_params(overrides=["register.aliases={champion: 3}"])
+    with pytest.raises(ConfigError, match="reserved for private models and cannot name domain-inf-atto-1.0-0"):
+        load_params(overrides=["register.select=fixed", "register.fixed={champion: domain-inf-atto-1.0-0}"])
+
+
+def test_best_of_grid_charges_the_composition_of_every_candidate_and_fixed_the_cell_alone(tmp_path):
+    a = _cell(tmp_path / "a", {**COMPLETE, "epsilon": 7.9951, "history": [[0.91, 1 / 7, 42]]}, "scratch-8-atto-1.0-0",
+              val_auroc=0.6)
+    b = _cell(tmp_path / "b", {**COMPLETE, "epsilon": 7.9951, "history": [[0.91, 1 / 7, 42]]}, "domain-8-atto-1.0-0",
+              val_auroc=0.8)
+    params = load_params(overrides=["grid.epsilons=[8]", "register.aliases={champion: 8}"])
+    [chosen] = choose(params, [a, b])
+    assert chosen.cell is b and chosen.candidates == [a, b] and chosen.aliases == ["champion"]
+    record = registered_record(chosen, 1e-5)
+    composed = dp_accounting_epsilons([(0.91, 1 / 7, 42), (0.91, 1 / 7, 42)], 1e-5)["pld"]
+    assert composed <= float(record["epsilon"]) <= composed + 0.05 and float(record["epsilon"]) > 10
+    assert record["epsilon_cell"] == "7.9951" and record["selection"] == "best-of-grid"
+    assert record["candidates"] == "scratch-8-atto-1.0-0, domain-8-atto-1.0-0"
+    fixed = load_params(overrides=["register.select=fixed", "register.fixed={champion: domain-8-atto-1.0-0}",
+                                   "serve.alias=champion"])
+    [only] = choose(fixed, [a, b])
+    assert only.cell is b and only.aliases == ["champion"] and only.selection == "fixed"
+    assert registered_record(only, 1e-5)["epsilon"] == "7.9951"
+
+
+def test_epsilon_is_rounded_up_and_the_record_is_bound_to_the_weights(tmp_path):
+    import hashlib
+
+    cell = _cell(tmp_path, {**COMPLETE, "epsilon": 7.99941})
+    record = registered_record(Choice(cell, [], "fixed", [cell]), 1e-5)
+    assert record["epsilon"] == "7.9995"                         # never 7.9994: the served value is not below
+    assert record["weights_sha256"] == hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    assert record["noise_seed"] == "secret"
+
+
+def test_a_public_seed_model_gets_no_private_alias(tmp_path):
+    cell = _cell(tmp_path, {**COMPLETE, "noise_seed": "public"})
+    record = registered_record(Choice(cell, ["champion"], "fixed", [cell]), 1e-5)
+    with pytest.raises(StageError, match=r"reserved for private models .* train.reproducible: true"):
+        refuse_private_aliases(Choice(cell, ["champion"], "fixed", [cell]), record, ["champion"])
+    refuse_private_aliases(Choice(cell, ["debug"], "fixed", [cell]), record, ["champion"])     # other aliases may
