@@ -63,6 +63,7 @@ def params(*overrides):
     return load_params(Path("params.yaml"), [*FAST, *overrides])
 
 
+@pytest.mark.slow
 def test_a_few_epochs_raise_val_auroc(workspace):
     p = params("train.epsilon=inf", "train.epochs=4", "train.logical_batch=32")
     store = open_site(Path("artifacts/prepare") / PRIVATE.name)
@@ -75,6 +76,7 @@ def test_a_few_epochs_raise_val_auroc(workspace):
     assert result["val_mean_auroc"] > untrained + 0.05
 
 
+@pytest.mark.slow
 def test_private_run_records_its_guarantee(workspace):
     p = params("train.epsilon=8", "train.epochs=2")
     train(p)
