@@ -11,12 +11,15 @@ from __future__ import annotations
 import numpy as np
 import timm
 import torch
-from timm.models.convnext import ConvNeXtBlock
+from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from torch import nn
 
 from models.labels import LABELS
 
-SIZES = ("atto", "femto", "pico", "nano", "tiny", "small", "base")
+SIZES = ("micro", "atto", "femto", "pico", "nano", "tiny", "small", "base")
+# ``micro`` is not a timm size: atto's design (conv MLP) at one block per stage and fewer channels, 0.23M
+# parameters (atto: 3.4M), for tests and smoke runs (a DP step costs per parameter per sample). No weights exist.
+MICRO = {"depths": (1, 1, 1, 1), "dims": (16, 32, 64, 128), "conv_mlp": True}
 # Fixed input normalisation (uint8 / 255 -> centred): a constant, never estimated from private data.
 INPUT_MEAN, INPUT_STD = 0.5, 0.5
 
@@ -36,14 +39,17 @@ def create_model(size: str, state_dict: dict[str, torch.Tensor] | None = None) -
     """Builds a DP-ready ConvNeXt: five-label head, one input channel, no layer-scale, no in-place ops.
 
     Args:
-        size: ConvNeXt size (``atto`` ... ``base``).
+        size: ConvNeXt size (``micro``, ``atto`` ... ``base``).
         state_dict: weights in timm's layout (with or without ``gamma``); None keeps the random init.
 
     Returns:
         The model in training mode.
     """
-    model = timm.create_model(architecture(size), pretrained=False, num_classes=len(LABELS), in_chans=1,
-                              drop_path_rate=0.0)
+    options = {"num_classes": len(LABELS), "in_chans": 1, "drop_path_rate": 0.0}
+    if architecture(size) == "convnext_micro":
+        model = ConvNeXt(**MICRO, **options)
+    else:
+        model = timm.create_model(architecture(size), pretrained=False, **options)
     if state_dict is not None and not any(key.endswith(".gamma") for key in state_dict):
         fold_layer_scale(model)         # the weights were saved folded: drop gamma before loading them
     if state_dict is not None:

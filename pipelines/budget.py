@@ -25,7 +25,7 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from models.privacy import dp_accounting_epsilons
+from models.privacy import pld_epsilon
 from pipelines.config import Params
 from pipelines.stage import StageError, run_stage
 
@@ -113,7 +113,7 @@ def histories(folder: Path, data_set: DataSet) -> dict[str, History]:
 
 def composed_epsilon(history: History, delta: float) -> float:
     """The PLD (dp_accounting) epsilon of a composition; 0 when nothing ran."""
-    return dp_accounting_epsilons(history, delta)["pld"] if history else 0.0
+    return pld_epsilon(history, delta) if history else 0.0
 
 
 def check_budget(params: Params, data_set: DataSet, planned: History) -> float:

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +22,17 @@ PACKAGES = ("pipelines", "models", "serving")
 
 
 def tiny(params: dict) -> None:
-    """Edits raw params.yaml content to the study at a tiny scale: a few hundred 32 px images, one epoch per
-    model, the domain init (pretraining, registry, overlap check) at epsilon 8 and inf on half and all the data
-    (a data-scale sweep, two candidates per epsilon for the registry's choice), 50 resamples."""
+    """Edits raw params.yaml content to the study at a tiny scale: a few hundred 32 px images, the 0.23M-parameter
+    ``micro`` ConvNeXt, one epoch per model, the domain init (pretraining, registry, overlap check) at epsilon 8
+    and inf on half and all the data (a data-scale sweep, two candidates per epsilon for the registry's choice),
+    50 resamples."""
     # A few hundred images cannot meet the default subgroup thresholds: relax those the tiny set misses.
     params["validate"].update(min_test_age_bin_count=0, min_prevalence=0.0, max_prevalence=1.0)
     params["base"]["image_size"] = 32
     params["prepare"]["workers"] = 1
-    params["pretrain"].update(epochs=1, batch=32)
-    params["train"].update(epochs=1, logical_batch=32, physical_batch=32, self_check_images=2)
-    params["grid"].update(inits=["domain"], epsilons=[8, "inf"], data_fractions=[0.5, 1.0])
+    params["pretrain"].update(models=["micro"], epochs=1, batch=32)
+    params["train"].update(model="micro", epochs=1, logical_batch=32, physical_batch=32, self_check_images=2)
+    params["grid"].update(inits=["domain"], epsilons=[8, "inf"], models=["micro"], data_fractions=[0.5, 1.0])
     params["evaluate"].update(resamples=50, min_subgroup_positives=3)
     params["register"].update(aliases={"champion": 8, "non-private-baseline": "inf"}, private_aliases=["champion"])
 
@@ -125,32 +127,38 @@ def _isolated_tool_state(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ.pop("MLFLOW_RUN_ID", None)
 
 
+def build_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], None]) -> Path:
+    """``build(folder)`` run once per test run, whatever the number of xdist workers; returns the folder.
+
+    The first worker to ask builds under a file lock; the others wait for it and share the result (read only).
+    """
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    root, built = shared / name, shared / f"{name}.built"
+    with FileLock(str(shared / f"{name}.lock")):
+        if not built.exists():
+            shutil.rmtree(root, ignore_errors=True)
+            build(root)
+            built.touch()
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The synthetic multi-site data set at a tiny scale (a few hundred images), generated once."""
     from pipelines.data.synthetic.generate import generate
 
-    root = tmp_path_factory.mktemp("synthetic") / "data"
-    generate(root, seed=7, scale=0.06, workers=2)
-    return root
+    return build_once(tmp_path_factory, "tiny-data", lambda root: generate(root, seed=7, scale=0.06, workers=2))
 
 
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Project:
     """The tiny study built once per test run by `dvc repro` (every stage, the grid, the registry), shared by the
     xdist workers. Read it; never change it: a test that changes the project works on ``tiny_project.copy(...)``."""
-    from filelock import FileLock
-
-    base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    root, built = shared / "tiny-project", shared / "tiny-project.built"
-    with FileLock(str(shared / "tiny-project.lock")):
-        if not built.exists():
-            shutil.rmtree(root, ignore_errors=True)
-            project = make_project(root, tiny_data)
-            project.dvc("repro")
-            built.touch()
-    return Project(root)
+    return Project(build_once(tmp_path_factory, "tiny-project",
+                              lambda root: make_project(root, tiny_data).dvc("repro")))
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ def test_repro_builds_every_stage_and_names_each_cell_once(tiny_project):
         p.name for p in (root / "artifacts/report").iterdir()}
     cells = grid_cells(tiny_project)
     assert sorted(p.name for p in (root / "artifacts/train").iterdir()) == sorted(cells)
-    assert cells == ["domain-8-atto-0.5-0", "domain-8-atto-1.0-0", "domain-inf-atto-0.5-0", "domain-inf-atto-1.0-0"]
+    assert cells == ["domain-8-micro-0.5-0", "domain-8-micro-1.0-0", "domain-inf-micro-0.5-0", "domain-inf-micro-1.0-0"]
     assert "up to date" in tiny_project.dvc("status")
 
 
@@ -61,12 +61,12 @@ def registered_model_agrees_with_the_report(project):
                   & (results["metric"] == "auroc") & (results["label"] == "mean")].iloc[0]
     assert champion.tags["test_mean_auroc"] == f"{row['value']:.4f}"
     # The headline table shows the cells trained on all the data.
-    full = results[(results["cell"] == "domain-8-atto-1.0-0") & (results["site"] == PRIVATE)
+    full = results[(results["cell"] == "domain-8-micro-1.0-0") & (results["site"] == PRIVATE)
                    & (results["metric"] == "auroc") & (results["label"] == "mean")].iloc[0]
     table = (project.root / "artifacts/report/results_table.md").read_text()
     assert f"{full['value']:.3f} [{full['ci_low']:.3f}, {full['ci_high']:.3f}]" in table
     # Best of the grid's two ε = 8 cells: the version is charged for both (PLD composition, rounded up).
-    histories = [tuple(h) for cell in ("domain-8-atto-0.5-0", "domain-8-atto-1.0-0") for h in json.loads(
+    histories = [tuple(h) for cell in ("domain-8-micro-0.5-0", "domain-8-micro-1.0-0") for h in json.loads(
         (project.root / "artifacts/train" / cell / "privacy.json").read_text())["history"]]
     composed = dp_accounting_epsilons(histories, 1e-5)["pld"]
     assert composed <= float(champion.tags["privacy.epsilon"]) <= composed + 0.05
@@ -110,7 +110,7 @@ def test_a_change_makes_exactly_the_stages_it_affects_stale(tiny_project, tmp_pa
     # A new epsilon adds its cells and reruns what reads the grid, nothing else.
     raw["grid"]["epsilons"] = [3, 8, "inf"]
     project.write_params(raw)
-    assert project.stale() == {"train@domain-3-atto-0.5-0", "train@domain-3-atto-1.0-0", "evaluate", "report",
+    assert project.stale() == {"train@domain-3-micro-0.5-0", "train@domain-3-micro-1.0-0", "evaluate", "report",
                                "register"}
     raw["grid"]["epsilons"] = [8, "inf"]
     project.write_params(raw)
@@ -134,10 +134,10 @@ def test_mlflow_run_main_of_the_same_grid_runs_the_study_and_evaluate_finds_each
     cells = grid_cells(project)
     assert {"prepare", "validate", "pretrain", "evaluate", "report", "register"} <= children
     assert {run_name(cell) for cell in cells} <= children
-    domain = next(r for r in runs if r.info.run_name == "train@domain-8-atto-1.0-0")
-    privacy = json.loads((project.root / "artifacts/train/domain-8-atto-1.0-0/privacy.json").read_text())
+    domain = next(r for r in runs if r.info.run_name == "train@domain-8-micro-1.0-0")
+    privacy = json.loads((project.root / "artifacts/train/domain-8-micro-1.0-0/privacy.json").read_text())
     assert privacy["init"]["strategy"] == "domain" and privacy["init"]["pretrain_run_id"]
-    assert domain.data.tags["init_strategy"] == "domain" and domain.data.tags["dp_cxr.cell"] == "domain-8-atto-1.0-0"
+    assert domain.data.tags["init_strategy"] == "domain" and domain.data.tags["dp_cxr.cell"] == "domain-8-micro-1.0-0"
     # Both ways of running wrote the same folders: one per cell, and evaluate used each once.
     assert sorted(p.name for p in (project.root / "artifacts/train").iterdir()) == sorted(cells)
     results = pd.read_csv(project.root / "artifacts/evaluate/results.csv")

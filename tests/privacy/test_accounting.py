@@ -19,6 +19,7 @@ from models.privacy import (
     epsilon_of,
     make_private,
     plan_mechanism,
+    pld_epsilon,
 )
 
 
@@ -50,6 +51,19 @@ def test_an_accountant_that_understates_epsilon_is_refused():
     assert epsilon_of(history, 1e-5, "gdp") < dp_accounting_epsilons(history, 1e-5)["pld"]
     with pytest.raises(PrivacyCheckError, match="below the tight dp_accounting PLD"):
         cross_check(history, 1e-5, "gdp")
+
+
+@pytest.mark.parametrize("history", [[(0.91, 1 / 7, 42)], [(0.91, 1 / 7, 42), (1.8, 0.05, 100), (0.91, 1 / 7, 3)],
+                                     [(2.0, 0.01, 1000), (0.0, 0.0, 5)]])
+def test_cached_pld_composition_is_dp_accountings_own(history):
+    from dp_accounting import dp_event, pld
+
+    accountant = pld.PLDAccountant()
+    accountant.compose(dp_event.ComposedDpEvent([dp_event.SelfComposedDpEvent(
+        dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), steps) for sigma, q, steps in history]))
+    assert pld_epsilon(history, 1e-5) == accountant.get_epsilon(1e-5)
+    assert pld_epsilon(history, 1e-5) == accountant.get_epsilon(1e-5)        # again, from the cache
+    assert pld_epsilon([*history, (0.0, 0.1, 1)], 1e-5) == math.inf          # a step without noise
 
 
 def test_heterogeneous_history_composes():

@@ -18,7 +18,7 @@ def test_factory_gives_five_label_grayscale_models_without_layer_scale():
     assert all(getattr(m, "gamma", None) is None for m in model.modules())
     with pytest.raises(ValueError, match="unknown ConvNeXt size 'huge'"):
         create_model("huge")
-    assert SIZES == ("atto", "femto", "pico", "nano", "tiny", "small", "base")
+    assert SIZES == ("micro", "atto", "femto", "pico", "nano", "tiny", "small", "base")
 
 
 def test_weights_round_trip_without_pickle(tmp_path):
