@@ -107,19 +107,21 @@ def plan_mechanism(n: int, *, epsilon: float, delta: float, epochs: int, logical
 
 
 class Randomness:
-    """The generators of everything random that touches the private data: the Poisson sampling and the noise.
+    """The generators of everything random that touches the private data: Poisson sampling, noise, audit canaries.
 
     ``secret`` (every private run): a fresh 256-bit seed from the operating system's CSPRNG (``secrets``), from
-    which SHA-256 derives the 64-bit seeds of two dedicated ``torch.Generator`` (Mersenne Twister) objects, one
-    per purpose. The seed lives only in this constructor: it is never logged, printed, checkpointed or stored,
-    and a resumed run draws a new one. ``public`` (``train.reproducible``): the same two generators seeded from
-    ``train.seed``, so a run can be repeated exactly; such a model has no DP guarantee against anyone who knows
-    the seed (the config, the cell name and MLflow all show it).
+    which SHA-256 derives the 64-bit seeds of dedicated ``torch.Generator`` (Mersenne Twister) objects, one per
+    purpose (an audit's canaries, which are included and when each is sampled, have their own). The seed lives
+    only in this constructor: it is never logged, printed, checkpointed or stored, and a resumed run draws a new
+    one. ``public`` (``train.reproducible``): the same generators seeded from ``train.seed``, so a run can be
+    repeated exactly; such a model has no DP guarantee against anyone who knows the seed (the config, the cell
+    name and MLflow all show it).
     """
 
     def __init__(self, seed: bytes, kind: str) -> None:
         self.kind = kind
-        self.sampling, self.noise = (_derived_generator(seed, purpose) for purpose in (b"poisson-sampling", b"noise"))
+        self.sampling, self.noise, self.canaries = (_derived_generator(seed, purpose) for purpose in (
+            b"poisson-sampling", b"noise", b"audit-canaries"))
 
     @classmethod
     def secret(cls) -> Randomness:
@@ -363,8 +365,9 @@ class PrivacyRecord:
 
     def to_json(self) -> str:
         """JSON with infinities written as the string ``"inf"``."""
-        return json.dumps({k: _finite_or_inf(v) for k, v in asdict(self).items()}, indent=2)
+        return json.dumps({k: json_value(v) for k, v in asdict(self).items()}, indent=2)
 
 
-def _finite_or_inf(value: object) -> object:
+def json_value(value: object) -> object:
+    """A value as the project's JSON records hold it: infinity as the string ``"inf"`` (JSON has no infinity)."""
     return "inf" if isinstance(value, float) and math.isinf(value) else value

@@ -14,7 +14,7 @@ PRIVACY_FIELDS = ("epsilon", "delta", "accountant", "noise_multiplier", "sample_
                   "unit", "n", "data_version")
 RECORD_FIELDS = (*PRIVACY_FIELDS, "epsilon_cell", "epsilon_pld", "epsilon_rdp", "epochs", "noise_seed",
                  "noise_generator", "opacus_version", "prepare_digest", "data_set", "data_set_epsilon", "selection",
-                 "candidates", "weights_sha256")
+                 "candidates", "weights_sha256", "audit")
 RECORD = "privacy.json"
 WEIGHTS_FILE = "model.safetensors"
 
@@ -69,6 +69,7 @@ def privacy_statement(record: dict[str, str]) -> dict[str, str]:
         "protected": "every intermediate model and checkpoint of the private training run, not only the final weights",
         "not_protected": ("the private val split (chose the epoch and the thresholds), the test split (measured the "
                           "model), the public pretraining data, and the site's metadata used to prepare the data"),
+        "audit": record["audit"],
         "randomness": record["noise_generator"],
         "caveats": ("floating-point Gaussian sampling (torch.normal) is not the exact mechanism of the proof "
                     "(Mironov 2012-type attacks are out of scope); side channels of the training machine; group "

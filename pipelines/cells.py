@@ -9,6 +9,7 @@ otherwise, which makes the DVC stage key and this name equal by construction.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import dataclass
@@ -95,3 +96,19 @@ def trained_cells(params: Params) -> list[Cell]:
                                     f"`python -m pipelines.train --cell {t.cell}`) first")
         cells.append(Cell(t.cell, folder, t, json.loads((folder / "privacy.json").read_text())))
     return cells
+
+
+class CellFlag(argparse.Action):
+    """``--cell NAME``: sets the five grid knobs from a cell name (``train.<knob>=<value>`` overrides)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: object,
+                 option_string: str | None = None) -> None:
+        """Records the name and adds ``train.<knob>=<value>`` overrides for its five knobs (empty: no cell)."""
+        if value == "":
+            return
+        try:
+            knobs = parse_cell(str(value))
+        except ValueError as error:
+            parser.error(str(error))
+        namespace.cell = value
+        namespace.set_keys = [*namespace.set_keys, *(f"train.{k}={v}" for k, v in knobs.items())]

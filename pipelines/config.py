@@ -233,6 +233,15 @@ class Evaluate(Section):
     min_subgroup_positives: int
 
 
+class Audit(Section):
+    """``audit:`` in params.yaml."""
+
+    cells: list[str] = Field(min_length=1)
+    canaries: Positive
+    magnitude: Number = Field(gt=1)
+    confidence: Number = Field(gt=0, lt=1)
+
+
 class Register(Section):
     """``register:`` in params.yaml."""
 
@@ -268,6 +277,7 @@ class Params(Section):
     privacy: Privacy
     grid: Grid
     evaluate: Evaluate
+    audit: Audit
     register: Register
     serve: Serve
 
@@ -278,6 +288,9 @@ class Params(Section):
             if eps not in self.grid.epsilons:
                 raise ValueError(f"register.aliases: {alias!r} names epsilon {eps:g}, which is not in grid.epsilons")
         cells = {t.cell for t in self.grid_cells()}
+        for cell in self.audit.cells:
+            if cell not in cells:
+                raise ValueError(f"audit.cells: {cell!r} is not a cell of the grid (audit a configuration it trains)")
         for alias, cell in r.fixed.items():
             _alias_free(alias, "alias in register.fixed")
             if cell not in cells:

@@ -72,8 +72,9 @@ def register_models(params: Params) -> list[dict[str, object]]:
         for choice in choose(params, trained_cells(params)):
             cell = choice.cell
             check_record(cell)
-            record = registered_record(choice, params.train.delta)
-            tags = version_tags(cell, params, results, fairness, thresholds, record)
+            audited = audit_of(params, cell.name)
+            record = registered_record(choice, params.train.delta, audited)
+            tags = version_tags(cell, params, results, fairness, thresholds, record) | audit_tags(audited)
             refuse_private_aliases(choice, record, r.private_aliases)
             (out / cell.name).mkdir()
             (out / cell.name / RECORD).write_text(json.dumps(record, indent=2))
@@ -123,11 +124,47 @@ def choose(params: Params, cells: list[Cell]) -> list[Choice]:
     return choices
 
 
-def registered_record(choice: Choice, delta: float) -> dict[str, str]:
+def audit_of(params: Params, cell: str) -> dict[str, object] | None:
+    """The audit of a cell's configuration (``<artifacts>/audit/<cell>/audit.json``), if it was audited.
+
+    Raises:
+        StageError: the audit found more leakage than the configuration claims: it is never registered.
+    """
+    path = Path(params.base.artifacts) / "audit" / cell / "audit.json"
+    if not path.is_file():
+        return None
+    audited = json.loads(path.read_text())
+    if not audited["passed"]:
+        raise StageError(f"{cell}: its configuration failed the privacy audit (epsilon >= "
+                         f"{max(audited['epsilon_lower'], audited['epsilon_lower_fdp']):.3f} measured, "
+                         f"{audited['epsilon_claimed']} claimed, {path}): registration refused")
+    return audited
+
+
+def audit_tags(audited: dict[str, object] | None) -> dict[str, str]:
+    """The registry tags of an audit: its lower bounds, rounded down (a shortened lower bound stays one)."""
+    if audited is None:
+        return {}
+    return {"audit.epsilon_lower.whitebox": _down(audited["epsilon_lower"]),
+            "audit.epsilon_lower_fdp.whitebox": _down(audited["epsilon_lower_fdp"]),
+            "audit.confidence": str(audited["confidence"]), "audit.canaries": str(audited["m"])}
+
+
+def _audit_text(audited: dict[str, object] | None, epsilon: str) -> str:
+    if audited is None:
+        return "not audited (add the cell to audit.cells)"
+    return (f"audited: epsilon >= {_down(audited['epsilon_lower'])} (one-run), >= "
+            f"{_down(audited['epsilon_lower_fdp'])} (f-DP) at {float(audited['confidence']):.0%} confidence, against "
+            f"a proven epsilon <= {epsilon}; {audited['kind']}, m = {audited['m']}, one training run of this "
+            f"configuration (a lower bound: evidence the implementation does not leak more, not a proof)")
+
+
+def registered_record(choice: Choice, delta: float, audited: dict[str, object] | None = None) -> dict[str, str]:
     """The privacy record a registered version carries (and the service serves), as text.
 
     Under ``best-of-grid`` its epsilon is the PLD composition (dp_accounting) of every candidate's history: the
-    released model depends on all of them, all trained on the same private data. Epsilon is rounded up.
+    released model depends on all of them, all trained on the same private data. Epsilon is rounded up; the
+    audit's lower bounds (if the configuration was audited) are rounded down.
     """
     record = choice.cell.privacy
     private = _finite(record.get("epsilon"))
@@ -139,6 +176,7 @@ def registered_record(choice: Choice, delta: float) -> dict[str, str]:
               "data_set_epsilon": _up(record.get("data_set_epsilon")) if _finite(record.get("data_set_epsilon"))
               else "inf", "selection": choice.selection, "candidates": ", ".join(c.name for c in choice.candidates),
               "weights_sha256": weights_digest(choice.cell.folder)}
+    values["audit"] = _audit_text(audited, values["epsilon"])
     return {field: _text(values.get(field)) for field in RECORD_FIELDS}
 
 
@@ -152,6 +190,11 @@ def _finite(value: object) -> bool:
 def _up(epsilon: object) -> str:
     """Epsilon shortened to four decimals, rounded up: a shortened epsilon never looks smaller than the real one."""
     return f"{math.ceil(float(epsilon) * 1e4) / 1e4:.4f}"
+
+
+def _down(epsilon: object) -> str:
+    """A lower bound shortened to four decimals, rounded down."""
+    return f"{math.floor(float(epsilon) * 1e4) / 1e4:.4f}"
 
 
 def _same(a: float, b: float) -> bool:

@@ -1,8 +1,9 @@
 """The whole study as one MLflow run (the MLproject ``main`` entry point).
 
-Runs prepare -> validate -> pretrain -> train (every grid cell) -> evaluate -> report -> register in this process,
-each stage (and each grid cell) as a child run of one parent run, with the same stage functions DVC runs. It
-is the MLflow way to run the study end to end; ``dvc repro`` is the DVC way (with caching of unchanged stages).
+Runs prepare -> validate -> pretrain -> train (every grid cell) -> audit (audit.cells) -> evaluate -> report ->
+register in this process, each stage (and each grid cell) as a child run of one parent run, with the same stage
+functions DVC runs. It is the MLflow way to run the study end to end; ``dvc repro`` is the DVC way (with
+caching of unchanged stages).
 
     mlflow run . --env-manager local [-P overrides="grid.epsilons=[1,8,inf] train.epochs=4"]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
+from pipelines.audit import audit
 from pipelines.config import Params
 from pipelines.evaluate import evaluate
 from pipelines.prepare import prepare
@@ -47,6 +49,9 @@ def study(params: Params) -> list[dict[str, object]]:
             print(f"main: grid cell {number}/{len(cells)}: init={cell.init} epsilon={cell.epsilon:g} "
                   f"model={cell.model} data_fraction={cell.data_fraction:g} seed={cell.seed}", file=sys.stderr)
             train(params.for_cell(cell))
+        for cell in cells:
+            if cell.cell in params.audit.cells:
+                audit(params.for_cell(cell))
         evaluate(params)
         report(params)
         registered = register_models(params)

@@ -17,6 +17,9 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO))
+from pipelines.data.synthetic.cohort import SITES  # noqa: E402
+
+PRIVATE = next(site for site in SITES if site.role == "private")
 PROJECT_FILES = (".gitignore", "dvc.yaml", "params.yaml", "MLproject", ".dvcignore", ".dvc/config", ".dvc/.gitignore")
 PACKAGES = ("pipelines", "models", "serving")
 
@@ -25,7 +28,7 @@ def tiny(params: dict) -> None:
     """Edits raw params.yaml content to the study at a tiny scale: a few hundred 32 px images, the 0.23M-parameter
     ``micro`` ConvNeXt, one epoch per model, the domain init (pretraining, registry, overlap check) at epsilon 8
     and inf on half and all the data (a data-scale sweep, two candidates per epsilon for the registry's choice),
-    50 resamples."""
+    an audit of one cell with 200 canaries, 50 resamples."""
     # A few hundred images cannot meet the default subgroup thresholds: relax those the tiny set misses.
     params["validate"].update(min_test_age_bin_count=0, min_prevalence=0.0, max_prevalence=1.0)
     params["base"]["image_size"] = 32
@@ -34,6 +37,7 @@ def tiny(params: dict) -> None:
     params["train"].update(model="micro", epochs=1, logical_batch=32, physical_batch=32, self_check_images=2)
     params["grid"].update(inits=["domain"], epsilons=[8, "inf"], models=["micro"], data_fractions=[0.5, 1.0])
     params["evaluate"].update(resamples=50, min_subgroup_positives=3)
+    params["audit"].update(cells=["domain-8-micro-1.0-0"], canaries=200)
     params["register"].update(aliases={"champion": 8, "non-private-baseline": "inf"}, private_aliases=["champion"])
 
 
@@ -48,7 +52,9 @@ class Project:
         return f"sqlite:///{self.root / 'mlflow.db'}"
 
     def env(self) -> dict[str, str]:
-        return {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": self.tracking_uri}
+        # Not the experiment or registry an in-process stage of this test worker picked (MLflow exports both).
+        inherited = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_EXPERIMENT_ID", "MLFLOW_REGISTRY_URI")}
+        return {**inherited, "PATH": f"{BIN}:{os.environ['PATH']}", "MLFLOW_TRACKING_URI": self.tracking_uri}
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Runs a command in the project (``dvc``, ``mlflow`` and ``python`` are this environment's)."""
@@ -159,6 +165,37 @@ def tiny_project(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> P
     xdist workers. Read it; never change it: a test that changes the project works on ``tiny_project.copy(...)``."""
     return Project(build_once(tmp_path_factory, "tiny-project",
                               lambda root: make_project(root, tiny_data).dvc("repro")))
+
+
+@pytest.fixture(scope="session")
+def private_store(tmp_path_factory):
+    """The private site alone at a small scale, prepared at 32 px (built once; train and audit tests copy it)."""
+    from pipelines.config import load_params
+    from pipelines.data.synthetic.generate import generate
+    from pipelines.prepare import prepare
+
+    def build(root):
+        generate(root / "data", seed=11, scale=0.25, workers=2, sites=(PRIVATE,))
+        raw = yaml.safe_load((REPO / "params.yaml").read_text())
+        raw["data"]["sites"] = {PRIVATE.name: raw["data"]["sites"][PRIVATE.name]}
+        (root / "params.yaml").write_text(yaml.safe_dump(raw))
+        cwd = Path.cwd()
+        try:
+            os.chdir(root)
+            prepare(load_params(Path("params.yaml"), ["base.image_size=32"]))
+        finally:
+            os.chdir(cwd)
+
+    return build_once(tmp_path_factory, "private-store", build)
+
+
+@pytest.fixture
+def private_workspace(private_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A working directory holding a copy of the prepared private site and its params.yaml."""
+    shutil.copytree(private_store / "artifacts", tmp_path / "artifacts")
+    shutil.copy(private_store / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
 
 
 @pytest.fixture

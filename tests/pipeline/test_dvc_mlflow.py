@@ -34,6 +34,8 @@ def test_repro_builds_every_stage_and_names_each_cell_once(tiny_project):
     cells = grid_cells(tiny_project)
     assert sorted(p.name for p in (root / "artifacts/train").iterdir()) == sorted(cells)
     assert cells == ["domain-8-micro-0.5-0", "domain-8-micro-1.0-0", "domain-inf-micro-0.5-0", "domain-inf-micro-1.0-0"]
+    audited = json.loads((root / "artifacts/audit/domain-8-micro-1.0-0/audit.json").read_text())
+    assert audited["passed"] is True and audited["m"] == 200 and audited["epsilon_lower"] <= audited["epsilon_claimed"]
     assert "up to date" in tiny_project.dvc("status")
 
 
@@ -74,6 +76,17 @@ def registered_model_agrees_with_the_report(project):
     assert float(champion.tags["privacy.epsilon_cell"]) >= privacy["epsilon"]
     assert champion.tags["privacy.selection"] == "best-of-grid" and champion.tags["privacy.noise_seed"] == "secret"
     assert get_version("dp-cxr-classifier", "non-private-baseline").tags["privacy.epsilon"] == "inf"
+    # The audited configuration carries its measured lower bound next to the proven upper bound; others say so.
+    audited = json.loads((project.root / "artifacts/audit/domain-8-micro-1.0-0/audit.json").read_text())
+    for entry in registered:
+        tags = mlflow.MlflowClient().get_model_version("dp-cxr-classifier", entry["version"]).tags
+        if entry["cell"] == "domain-8-micro-1.0-0":
+            assert float(tags["audit.epsilon_lower.whitebox"]) <= audited["epsilon_lower"] < float(
+                tags["audit.epsilon_lower.whitebox"]) + 1e-4
+            assert tags["privacy.audit"].startswith(f"audited: epsilon >= {tags['audit.epsilon_lower.whitebox']} "
+                                                    f"(one-run)") and "against a proven epsilon <=" in tags["privacy.audit"]
+        else:
+            assert "audit.epsilon_lower.whitebox" not in tags and tags["privacy.audit"].startswith("not audited")
 
 
 def test_the_registered_model_agrees_with_the_report(tiny_project):
@@ -118,7 +131,8 @@ def test_a_change_makes_exactly_the_stages_it_affects_stale(tiny_project, tmp_pa
     # Editing a shared module reruns every stage that runs it (epoch selection, metrics), and no other.
     with (project.root / "pipelines/metrics.py").open("a") as module:
         module.write("\n# an edit\n")
-    assert project.stale() == {"pretrain", "evaluate", *(run_name(cell) for cell in grid_cells(project))}
+    assert project.stale() == {"pretrain", "evaluate", "audit@domain-8-micro-1.0-0",
+                               *(run_name(cell) for cell in grid_cells(project))}
 
 
 def test_mlflow_run_main_of_the_same_grid_runs_the_study_and_evaluate_finds_each_cell_once(tiny_project, tmp_path):
@@ -133,7 +147,7 @@ def test_mlflow_run_main_of_the_same_grid_runs_the_study_and_evaluate_finds_each
     children = {r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
     cells = grid_cells(project)
     assert {"prepare", "validate", "pretrain", "evaluate", "report", "register"} <= children
-    assert {run_name(cell) for cell in cells} <= children
+    assert {run_name(cell) for cell in cells} | {"audit@domain-8-micro-1.0-0"} <= children
     domain = next(r for r in runs if r.info.run_name == "train@domain-8-micro-1.0-0")
     privacy = json.loads((project.root / "artifacts/train/domain-8-micro-1.0-0/privacy.json").read_text())
     assert privacy["init"]["strategy"] == "domain" and privacy["init"]["pretrain_run_id"]

@@ -2,7 +2,6 @@
 
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -11,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from models.convnext import predict
 from models.initialization import initialize
@@ -21,44 +19,19 @@ from pipelines.config import load_params
 from pipelines.data.datasets import PatientDataset
 from pipelines.data.schema import LABELS
 from pipelines.data.store import open_site
-from pipelines.data.synthetic.cohort import SITES
-from pipelines.data.synthetic.generate import generate
 from pipelines.metrics import mean_auroc
-from pipelines.prepare import prepare
 from pipelines.tracking import flatten
 from pipelines.train import train
-from tests.conftest import build_once
+from tests.conftest import PRIVATE
 
 REPO = Path(__file__).resolve().parents[2]
-PRIVATE = next(s for s in SITES if s.role == "private")
 FAST = ["base.image_size=32", "train.model=micro", "train.epochs=3", "train.logical_batch=64",
         "train.physical_batch=32", "train.self_check_images=2"]
 
 
-@pytest.fixture(scope="session")
-def private_store(tmp_path_factory):
-    """The private site alone at a small scale, prepared at 32 px (built once, shared by this module's tests)."""
-    def build(root):
-        generate(root / "data", seed=11, scale=0.25, workers=2, sites=(PRIVATE,))
-        raw = yaml.safe_load((REPO / "params.yaml").read_text())
-        raw["data"]["sites"] = {PRIVATE.name: raw["data"]["sites"][PRIVATE.name]}
-        (root / "params.yaml").write_text(yaml.safe_dump(raw))
-        cwd = Path.cwd()
-        try:
-            os.chdir(root)
-            prepare(load_params(Path("params.yaml"), ["base.image_size=32"]))
-        finally:
-            os.chdir(cwd)
-
-    return build_once(tmp_path_factory, "private-store", build)
-
-
 @pytest.fixture
-def workspace(private_store, tmp_path, monkeypatch):
-    shutil.copytree(private_store / "artifacts", tmp_path / "artifacts")
-    shutil.copy(private_store / "params.yaml", tmp_path / "params.yaml")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+def workspace(private_workspace):
+    return private_workspace
 
 
 def params(*overrides):

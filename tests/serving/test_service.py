@@ -48,14 +48,20 @@ class Study:
 @pytest.fixture(scope="module")
 def study(tiny_project):
     """The champion imported into the session's BentoML store; the service reads the project's params."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "DP_CXR_PARAMS", "DP_CXR_API_TOKEN")}
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "DP_CXR_PARAMS",
+                                            "DP_CXR_API_TOKEN")}
     os.environ["MLFLOW_TRACKING_URI"] = tiny_project.tracking_uri
     os.environ["DP_CXR_PARAMS"] = str(tiny_project.root / "params.yaml")
+    # An in-process stage of this worker may have pointed MLflow's process-wide store elsewhere.
+    mlflow.set_tracking_uri(tiny_project.tracking_uri)
+    mlflow.set_registry_uri(tiny_project.tracking_uri)
     try:
         study = Study(tiny_project)
         import_registered(study.config)
         yield study
     finally:
+        mlflow.set_registry_uri(None)
+        mlflow.set_tracking_uri(None)
         for key, value in saved.items():
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 

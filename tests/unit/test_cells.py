@@ -29,6 +29,8 @@ def test_dvc_names_every_matrix_stage_and_its_output_after_the_cell(tmp_path, gr
     raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
     raw["grid"].update(grid)
     raw["register"]["aliases"] = {"champion": 3 if grid else 8, "non-private-baseline": "inf"}
+    if grid:
+        raw["audit"]["cells"] = ["domain-3-atto-0.25-1", "scratch-inf-atto-1.0-0"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
     from dvc.repo import Repo
@@ -36,7 +38,13 @@ def test_dvc_names_every_matrix_stage_and_its_output_after_the_cell(tmp_path, gr
     Repo.init(str(tmp_path))
     with Repo(str(tmp_path)) as repo:
         stages = {s.name: s for s in repo.index.stages if s.name.startswith("train@")}
-    cells = [t.cell for t in load_params(tmp_path / "params.yaml").grid_cells()]
+        audits = {s.name: s for s in repo.index.stages if s.name.startswith("audit@")}
+    params = load_params(tmp_path / "params.yaml")
+    assert sorted(audits) == sorted(f"audit@{cell}" for cell in params.audit.cells)
+    for cell in params.audit.cells:
+        assert audits[f"audit@{cell}"].cmd == f"python -m pipelines.audit --cell {cell}"
+        assert [out.def_path for out in audits[f"audit@{cell}"].outs] == [f"artifacts/audit/{cell}"]
+    cells = [t.cell for t in params.grid_cells()]
     assert sorted(stages) == sorted(run_name(cell) for cell in cells)
     for cell in cells:
         stage = stages[run_name(cell)]

@@ -10,7 +10,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("pipelines", "models", "serving")
-STAGES = ("prepare", "validate", "pretrain", "train", "evaluate", "report", "register")
+STAGES = ("prepare", "validate", "pretrain", "train", "audit", "evaluate", "report", "register")
 # Code a stage ships without importing it: register logs the models-from-code file as the model's code.
 SHIPPED = {"register": {Path("models/pyfunc.py")}}
 
@@ -82,6 +82,7 @@ def stage_problems(dvc_yaml: dict, root: Path = REPO) -> list[str]:
     (which would rerun the stage for nothing)."""
     problems = []
     for name, stage in dvc_yaml["stages"].items():
+        stage = stage.get("do", stage)          # a foreach stage's body
         module = stage["cmd"].split("python -m ")[1].split()[0]
         needed, deps = closure(module, root) | SHIPPED.get(name, set()), code_deps(stage)
         for file in sorted(needed):

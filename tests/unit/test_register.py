@@ -56,7 +56,7 @@ def test_best_of_grid_charges_the_composition_of_every_candidate_and_fixed_the_c
               val_auroc=0.6)
     b = _cell(tmp_path / "b", {**COMPLETE, "epsilon": 7.9951, "history": [[0.91, 1 / 7, 42]]}, "domain-8-atto-1.0-0",
               val_auroc=0.8)
-    params = load_params(overrides=["grid.epsilons=[8]", "register.aliases={champion: 8}"])
+    params = load_params(overrides=["grid.epsilons=[8]", "register.aliases={champion: 8}", "audit.cells=[domain-8-atto-1.0-0]"])
     [chosen] = choose(params, [a, b])
     assert chosen.cell is b and chosen.candidates == [a, b] and chosen.aliases == ["champion"]
     record = registered_record(chosen, 1e-5)
@@ -87,3 +87,30 @@ def test_a_public_seed_model_gets_no_private_alias(tmp_path):
     with pytest.raises(StageError, match=r"reserved for private models .* train.reproducible: true"):
         refuse_private_aliases(Choice(cell, ["champion"], "fixed", [cell]), record, ["champion"])
     refuse_private_aliases(Choice(cell, ["debug"], "fixed", [cell]), record, ["champion"])     # other aliases may
+
+
+def test_a_failed_audit_refuses_the_configuration_and_a_passed_one_is_shown(tmp_path):
+    from pipelines.register import audit_of, audit_tags
+
+    params = load_params(overrides=[f"base.artifacts={tmp_path}"])
+    assert audit_of(params, "domain-8-atto-1.0-0") is None
+    folder = tmp_path / "audit" / "domain-8-atto-1.0-0"
+    folder.mkdir(parents=True)
+    audited = {"passed": False, "epsilon_lower": 9.31234, "epsilon_lower_fdp": 11.98765, "epsilon_claimed": 7.9951,
+               "confidence": 0.95, "m": 1000, "kind": "white-box gradient canaries"}
+    (folder / "audit.json").write_text(json.dumps(audited))
+    with pytest.raises(StageError, match=r"domain-8-atto-1.0-0: its configuration failed the privacy audit \(epsilon "
+                                         r">= 11.988 measured, 7.9951 claimed"):
+        audit_of(params, "domain-8-atto-1.0-0")
+    (folder / "audit.json").write_text(json.dumps({**audited, "passed": True, "epsilon_lower": 0.31239,
+                                                   "epsilon_lower_fdp": 0.45671}))
+    audited = audit_of(params, "domain-8-atto-1.0-0")
+    assert audit_tags(audited) == {"audit.epsilon_lower.whitebox": "0.3123", "audit.epsilon_lower_fdp.whitebox":
+                                   "0.4567", "audit.confidence": "0.95", "audit.canaries": "1000"}
+    cell = _cell(tmp_path / "a", {**COMPLETE, "epsilon": 7.9951, "history": [[0.91, 1 / 7, 42]]})
+    [chosen] = choose(load_params(overrides=["grid.epsilons=[8]", "register.aliases={champion: 8}",
+                                             "audit.cells=[domain-8-atto-1.0-0]"]), [cell])
+    record = registered_record(chosen, 1e-5, audited)
+    assert record["audit"].startswith("audited: epsilon >= 0.3123 (one-run), >= 0.4567 (f-DP) at 95% confidence, "
+                                      "against a proven epsilon <= 7.9951")
+    assert registered_record(chosen, 1e-5)["audit"].startswith("not audited")

@@ -1,0 +1,108 @@
+"""The audit stage on the tiny configuration: a correct private cell stays below its claim; cut noise, bypassed
+clipping and no privacy at all are caught (the audit has power)."""
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+import pytest
+
+import models.privacy as privacy
+from pipelines.audit import audit
+from pipelines.config import load_params
+from pipelines.stage import StageError
+
+pytestmark = pytest.mark.slow
+# 1,000 canaries through 28 steps at q = 1/7 (about four samplings of each included canary) on the micro model.
+AUDITED = ["base.image_size=32", "train.model=micro", "train.epochs=4", "train.logical_batch=64",
+           "train.physical_batch=64", "train.self_check_images=2", "audit.canaries=1000"]
+
+
+def audited(epsilon):
+    return load_params(Path("params.yaml"), [*AUDITED, f"train.epsilon={epsilon}"])
+
+
+def outputs(params):
+    folder = Path("artifacts/audit") / params.train.cell
+    return folder, json.loads((folder / "audit.json").read_text())
+
+
+@contextmanager
+def noise_cut_to_a_tenth():
+    """A bug that adds a tenth of the calibrated noise while the accountant charges the full noise (test only)."""
+    add_noise = privacy.BoundedClipDPOptimizer.add_noise
+
+    def weak(self):
+        calibrated, self.noise_multiplier = self.noise_multiplier, self.noise_multiplier / 10
+        try:
+            add_noise(self)
+        finally:
+            self.noise_multiplier = calibrated
+
+    privacy.BoundedClipDPOptimizer.add_noise = weak
+    try:
+        yield
+    finally:
+        privacy.BoundedClipDPOptimizer.add_noise = add_noise
+
+
+@contextmanager
+def clipping_bypassed():
+    """A bug that sums the per-sample gradients without clipping them (test only)."""
+    clip = privacy.BoundedClipDPOptimizer.clip_and_accumulate
+
+    def unclipped(self):
+        for p in self.params:
+            grad = self._get_flat_grad_sample(p).sum(dim=0)
+            p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
+            privacy._mark_as_processed(p.grad_sample)
+
+    privacy.BoundedClipDPOptimizer.clip_and_accumulate = unclipped
+    try:
+        yield
+    finally:
+        privacy.BoundedClipDPOptimizer.clip_and_accumulate = clip
+
+
+def test_a_correct_private_cell_stays_below_its_claim(private_workspace):
+    params = audited(1)
+    summary = audit(params)
+    folder, written = outputs(params)
+    assert written == summary and written["passed"] is True
+    assert 0.9 < written["epsilon_claimed"] <= 1.0 + 0.02
+    assert 0 <= written["epsilon_lower"] <= written["epsilon_claimed"]
+    assert written["epsilon_lower_fdp"] <= written["epsilon_claimed"]
+    assert written["m"] == 1000 and 400 < written["included"] < 600 and written["steps"] == 28
+    assert written["noise_seed"] == "secret" and written["confidence"] == 0.95
+    # The secret draw stays in the audit's own output; the audited model is never kept.
+    canaries = json.loads((folder / "canaries.json").read_text())
+    assert sum(canaries["included"]) == written["included"] and len(canaries["scores"]) == 1000
+    assert not any(s for s, i in zip(canaries["sampled"], canaries["included"], strict=True) if not i)
+    assert (folder / "scores.png").stat().st_size > 0
+    assert not list(folder.rglob("*.safetensors")) and not (Path("artifacts/train") / params.train.cell).exists()
+    # Its MLflow run is the audit's, never mistaken for the cell's training run; the data set paid for it.
+    [run] = mlflow.search_runs(experiment_names=["dp-cxr"], output_format="list",
+                               filter_string=f"tags.`dp_cxr.audited_cell` = '{params.train.cell}'")
+    assert run.info.run_name == f"audit@{params.train.cell}" and "dp_cxr.cell" not in run.data.tags
+    assert run.data.metrics["audit.epsilon_lower.whitebox"] == pytest.approx(written["epsilon_lower"])
+    from pipelines.budget import budget_report
+    assert budget_report(params)[0]["steps"] == 28
+
+
+@pytest.mark.parametrize("bug", [noise_cut_to_a_tenth, clipping_bypassed])
+def test_an_implementation_that_leaks_more_than_it_claims_fails_the_audit(private_workspace, bug):
+    params = audited(1)
+    with bug(), pytest.raises(StageError, match=r"the white-box audit measured epsilon >= \d+\.\d+ at 95% "
+                                                 r"confidence, above the claimed 0\.99\d: the implementation leaks"):
+        audit(params)
+    _, written = outputs(params)
+    assert written["passed"] is False and written["epsilon_lower"] > written["epsilon_claimed"]
+
+
+def test_the_non_private_baseline_is_far_above_any_private_cell(private_workspace):
+    params = audited("inf")
+    summary = audit(params)
+    assert summary["epsilon_claimed"] == "inf" and summary["passed"] is True
+    # Every sampled included canary stands out: far above the private cell's claim of 1 and its bound.
+    assert summary["epsilon_lower"] > 3 and summary["epsilon_lower_fdp"] > 4

@@ -1,0 +1,113 @@
+"""The one-run audit's lower bounds on their own, before any training: JAX-Privacy's formula and the idealised
+Gaussian mechanism of Mahloujifar et al. (2025)."""
+
+import itertools
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from models.auditing import (
+    audit_scores,
+    gaussian_epsilon,
+    guess_grid,
+    one_run_epsilon,
+    one_run_epsilon_fdp,
+    one_run_p_value,
+)
+
+
+def p_value_loop(m, guesses, correct, epsilon, delta):
+    """Steinke, Nasr & Jagielski's p-value as a plain loop (JAX-Privacy's reference in its own tests)."""
+    q = 1 / (1 + np.exp(-epsilon))
+    beta = stats.binom.sf(correct - 1, guesses, q)
+    alpha = tail = 0.0
+    for i in range(1, correct + 1):
+        tail += stats.binom.pmf(correct - i, guesses, q)
+        if tail > i * alpha:
+            alpha = tail / i
+    return min(beta + alpha * delta * 2 * m, 1)
+
+
+@pytest.mark.parametrize("m, guesses, wrong, epsilon, delta", [
+    case for case in itertools.product((10, 100, 1000), (1, 10, 100), (0, 1, 10, 100), (0, 0.5, 1.0),
+                                       (0, 1e-6, 1e-3, 1e-1, 1)) if case[2] <= case[1] <= case[0]])
+def test_p_value_is_the_one_run_formula(m, guesses, wrong, epsilon, delta):
+    assert one_run_p_value(m, guesses, guesses - wrong, epsilon, delta) == pytest.approx(
+        p_value_loop(m, guesses, guesses - wrong, epsilon, delta), abs=1e-9)
+
+
+# (m, guesses, correct, delta) -> (p-value at epsilon 1, Steinke bound, f-DP bound) at significance 0.05, computed
+# with JAX-Privacy's auditing.py (google-deepmind/jax_privacy @ 8967688c: _one_run_p_value, _epsilon_one_run,
+# _epsilon_one_run_fdp) and dp_accounting's Gaussian conversions.
+JAX_PRIVACY = {
+    (1000, 100, 90, 1e-5): (0.000841289, 1.626144, 2.456405),
+    (1000, 100, 100, 1e-5): (0.000563309, 3.465376, 5.549028),
+    (10000, 500, 450, 1e-5): (0.00189261, 1.935454, 2.586213),
+    (100, 80, 70, 1e-6): (0.00153914, 1.368836, 3.295589),
+    (1000, 800, 500, 1e-6): (1.0, 0.388427, 0.838816),
+    (100000, 1000, 950, 1e-5): (0.00792234, 2.494831, 3.119535),
+}
+
+
+@pytest.mark.parametrize("case", JAX_PRIVACY)
+def test_bounds_agree_with_jax_privacy(case):
+    p_value, steinke, fdp = JAX_PRIVACY[case]
+    m, guesses, correct, delta = case
+    assert one_run_p_value(m, guesses, correct, 1.0, delta) == pytest.approx(p_value, rel=5e-6)
+    assert one_run_epsilon(m, guesses, correct, 0.05, delta) == pytest.approx(steinke, abs=1e-6)
+    assert one_run_epsilon_fdp(m, guesses, correct, 0.05, delta) == pytest.approx(fdp, abs=1e-6)
+
+
+def test_nothing_is_rejected_by_chance_level_guesses():
+    assert one_run_epsilon(1000, 200, 100, 0.05, 1e-5) == 0.0
+    assert one_run_epsilon_fdp(1000, 200, 100, 0.05, 1e-5) == 0.0
+
+
+# The idealised Gaussian mechanism: m = 100,000 canaries, each included with probability 1/2 and observed as
+# (1 if included) + N(0, sigma^2); two-sided guesses on the k highest and k lowest scores; 95% confidence,
+# delta = 1e-5. Mahloujifar et al. (2025) report, against true epsilon 9.99 / 4.37 / 1.99 / 0.92:
+PUBLISHED = {0.5: (4.99, 8.16), 1: (2.61, 3.61), 2: (1.33, 1.59), 4: (0.61, 0.82)}
+# The guess counts per side, fixed before these draws (each the best mean over six other draws): the paper
+# chose its counts after the fact, which the fixed counts here cannot do.
+GUESSES = {0.5: (3219, 981), 1: (569, 509), 2: (569, 264), 4: (426, 212)}
+M = 100_000
+
+
+@pytest.mark.parametrize("sigma", PUBLISHED)
+def test_idealised_gaussian_mechanism_matches_the_published_bounds(sigma):
+    true_epsilon = gaussian_epsilon(sigma, 1e-5)
+    assert round(true_epsilon, 2) == {0.5: 10.0, 1: 4.38, 2: 1.99, 4: 0.93}[sigma]
+    k_steinke, k_fdp = GUESSES[sigma]
+    steinke, fdp = [], []
+    for repetition in range(20):
+        rng = np.random.default_rng([2025, repetition])
+        included = rng.random(M) < 0.5
+        ranked = included[np.argsort(included + rng.normal(0, sigma, M), kind="stable")]
+        correct = {k: int(ranked[-k:].sum() + (~ranked[:k]).sum()) for k in GUESSES[sigma]}
+        steinke.append(one_run_epsilon(M, 2 * k_steinke, correct[k_steinke], 0.05, 1e-5))
+        fdp.append(one_run_epsilon_fdp(M, 2 * k_fdp, correct[k_fdp], 0.05, 1e-5))
+    published_steinke, published_fdp = PUBLISHED[sigma]
+    assert np.mean(steinke) == pytest.approx(published_steinke, abs=0.3)
+    # f-DP is the tighter of the two and within 0.3 of the published figure, except at sigma 0.5 (measured 7.2
+    # against 8.16): the paper's guess count was the best one after the fact, a fixed count is not.
+    assert np.mean(fdp) > np.mean(steinke) - 0.1
+    assert np.mean(fdp) == pytest.approx(published_fdp, abs=0.3 if sigma != 0.5 else 1.0)
+    # A 95% lower bound may exceed the truth in 5% of runs: more than 3 of 20 has probability 1.6%.
+    assert sum(b > true_epsilon for b in steinke) <= 3 and sum(b > true_epsilon for b in fdp) <= 3
+
+
+def test_audit_scores_pays_for_choosing_the_guess_count():
+    rng = np.random.default_rng(0)
+    included = rng.random(5000) < 0.5
+    scores = included + rng.normal(0, 1.0, 5000)
+    result = audit_scores(scores, included, 0.05, 1e-5)
+    assert result.guess_grid == guess_grid(5000) and len(result.guess_grid) == 12
+    k = result.guesses // 2
+    # The reported bound is the one at significance 0.05 / 12 for the chosen count, below the uncorrected one.
+    assert result.epsilon_lower == pytest.approx(one_run_epsilon(5000, result.guesses, result.correct, 0.05 / 12, 1e-5))
+    assert result.epsilon_lower < one_run_epsilon(5000, result.guesses, result.correct, 0.05, 1e-5)
+    assert 0 < result.epsilon_lower < gaussian_epsilon(1.0, 1e-5) and k in result.guess_grid
+    assert result.epsilon_lower_fdp >= result.epsilon_lower - 0.1
+    with pytest.raises(ValueError, match="same length"):
+        audit_scores(scores, included[:-1], 0.05, 1e-5)
