@@ -196,7 +196,11 @@ class GradientCanaries:
         if m > int(sizes.sum()):
             raise ValueError(f"{m} canaries need {m} parameter coordinates; the model has {int(sizes.sum())}")
         self.m, self.magnitude, self.sample_rate, self.generator = m, magnitude, sample_rate, generator
-        flat = torch.randperm(int(sizes.sum()), generator=generator)[:m]
+        # m distinct coordinates, uniformly, without a permutation of every parameter (8 bytes each).
+        flat = torch.empty(0, dtype=torch.int64)
+        while len(flat) < m:
+            flat = torch.unique(torch.cat([flat, torch.randint(int(sizes.sum()), (m - len(flat),),
+                                                               generator=generator)]))
         starts = torch.cumsum(sizes, 0) - sizes
         self.owner = torch.searchsorted(torch.cumsum(sizes, 0), flat, right=True)
         self.coordinate = flat - starts[self.owner]

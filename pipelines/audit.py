@@ -55,7 +55,7 @@ def audit(params: Params) -> dict[str, object]:
     import mlflow
 
     a = params.audit
-    run = run_training(params, canaries=Canaries(a.canaries, a.magnitude, STAGE))
+    run = run_training(params, canaries=Canaries(a.canaries, a.magnitude))
     canaries: GradientCanaries = run["canaries"]
     result = audit_scores(canaries.scores.numpy(), canaries.included.numpy(), 1 - a.confidence, run["delta"])
     claimed, out = float(run["epsilon"]), Path(run["out"])

@@ -73,11 +73,10 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 
 @dataclass(frozen=True)
 class Canaries:
-    """An audit run's gradient canaries: how many, their norm before clipping (in units of C), and where they go."""
+    """An audit run's gradient canaries: how many, and their norm before clipping (in units of C)."""
 
     count: int
     magnitude: float
-    stage: str = "audit"
 
 
 def run_training(params: Params, resume: bool = False, canaries: Canaries | None = None) -> dict[str, object]:
@@ -108,7 +107,7 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
 
     t = params.train
     cell = t.cell
-    stage, name = ("train", run_name(cell)) if canaries is None else (canaries.stage, f"{canaries.stage}@{cell}")
+    stage, name = ("train", run_name(cell)) if canaries is None else ("audit", f"audit@{cell}")
     out = Path(params.base.artifacts) / stage / cell
     private = Path(params.base.artifacts) / "prepare" / params.private_site()
     store = open_site(private)

@@ -152,8 +152,6 @@ from pathlib import Path
 import models.privacy as privacy
 from pipelines.config import load_params
 from pipelines.train import train
-from pipelines.tracking import flatten
-from models.privacy import epsilon_of
 
 calls = {"n": 0}
 record = privacy.StepLedger.record
