@@ -151,6 +151,7 @@ class Pretrain(Section):
     augment: bool
     registered_model: str
     alias: str
+    allow_unverified_init: bool
 
     @field_validator("alias")
     @classmethod

@@ -3,8 +3,10 @@
 For every configured site: read the native files with its adapter, keep frontal views, apply the label
 policy, assign splits (patient-level for the private site; the data set's own for the public source;
 everything ``test`` for external sites), then decode and preprocess every image on all workers into
-``<artifacts>/prepare/<site>/images.npy`` with ``metadata.csv``. Unreadable images are skipped and listed in
-``report.json``; too many of them fail the stage. Outputs appear only when every site is done.
+``<artifacts>/prepare/<site>/images.npy`` with ``metadata.csv`` and ``signatures.npy`` (each image's
+near-duplicate signature, for the overlap check between the pretraining source and the private site).
+Unreadable images are skipped and listed in ``report.json``; too many of them fail the stage. Outputs appear
+only when every site is done.
 """
 
 from __future__ import annotations
@@ -22,13 +24,14 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from models.preprocessing import ImageDecodeError, load_image
+from models.preprocessing import ImageDecodeError, decode_file, preprocess
 from pipelines.atomic import atomic_folder
 from pipelines.config import Params, Site
 from pipelines.data.adapters import read_manifest
 from pipelines.data.schema import FRONTAL_VIEWS, apply_label_policy
+from pipelines.data.source import SIGNATURE_SIZE, signature
 from pipelines.data.splits import patient_splits
-from pipelines.data.store import IMAGES, METADATA
+from pipelines.data.store import IMAGES, METADATA, SIGNATURES
 from pipelines.stage import StageError, run_stage
 from pipelines.tracking import stage_run
 
@@ -89,6 +92,8 @@ def _write_store(name: str, manifest: pd.DataFrame, params: Params, folder: Path
     size = params.base.image_size
     staging = np.lib.format.open_memmap(folder / f".{IMAGES}", mode="w+", dtype=np.uint8,
                                         shape=(len(manifest), size, size))
+    staged_signatures = np.lib.format.open_memmap(folder / f".{SIGNATURES}", mode="w+", dtype=np.uint8,
+                                                  shape=(len(manifest), SIGNATURE_SIZE ** 2))
     kept: list[int] = []
     hashes: list[str] = []
     bad: list[dict[str, str]] = []
@@ -96,11 +101,12 @@ def _write_store(name: str, manifest: pd.DataFrame, params: Params, folder: Path
     results = pool.imap(_load, tasks, chunksize=32) if pool else map(_load, tasks)
     progress = tqdm(results, total=len(tasks), desc=f"prepare {name}", unit="img", file=sys.stderr,
                     mininterval=1.0)
-    for row, (pixels, error) in enumerate(progress):
+    for row, (pixels, near, error) in enumerate(progress):
         if error is not None:
             bad.append({"image_id": manifest.at[row, "image_id"], "path": manifest.at[row, "path"], "reason": error})
             continue
         staging[len(kept)] = pixels
+        staged_signatures[len(kept)] = near
         kept.append(row)
         hashes.append(hashlib.sha256(pixels.tobytes()).hexdigest())
     bad_fraction = len(bad) / max(len(manifest), 1)
@@ -110,7 +116,8 @@ def _write_store(name: str, manifest: pd.DataFrame, params: Params, folder: Path
             f"site {name}: {len(bad)} of {len(manifest)} images unreadable ({bad_fraction:.1%}), above "
             f"prepare.max_bad_fraction={params.prepare.max_bad_fraction}; first: {first['path']} ({first['reason']}). "
             f"Fix or remove the files, or raise the limit")
-    _finish_store(staging, folder, len(kept))
+    _finish_store(staging, folder / IMAGES, len(kept))
+    _finish_store(staged_signatures, folder / SIGNATURES, len(kept))
     metadata = manifest.iloc[kept].reset_index(drop=True)
     metadata["content_hash"] = hashes
     metadata.to_csv(folder / METADATA, index=False)
@@ -132,27 +139,29 @@ def _splits(manifest: pd.DataFrame, site: Site, params: Params) -> pd.Series:
     return manifest["split"].where(manifest["split"].notna(), hashed)
 
 
-def _load(task: tuple[str, int]) -> tuple[np.ndarray | None, str | None]:
+def _load(task: tuple[str, int]) -> tuple[np.ndarray | None, np.ndarray | None, str | None]:
+    """One image decoded once: its stored pixels and its near-duplicate signature, or why it is unreadable."""
     path, size = task
     try:
-        return load_image(Path(path), size), None
+        gray = decode_file(Path(path))
     except ImageDecodeError as error:
-        return None, str(error)
+        return None, None, str(error)
+    return preprocess(gray, size), signature(gray), None
 
 
-def _finish_store(staging: np.ndarray, folder: Path, count: int) -> None:
-    """Moves the staged array into place, dropping the rows of skipped images."""
+def _finish_store(staging: np.ndarray, final: Path, count: int) -> None:
+    """Moves a staged array (``.<name>`` beside ``final``) into place, dropping the rows of skipped images."""
     staging.flush()
-    final = folder / IMAGES
+    staged = final.with_name(f".{final.name}")
     if count == staging.shape[0]:
         del staging
-        (folder / f".{IMAGES}").rename(final)
+        staged.rename(final)
         return
     compact = np.lib.format.open_memmap(final, mode="w+", dtype=np.uint8, shape=(count, *staging.shape[1:]))
     compact[:] = staging[:count]
     compact.flush()
     del staging, compact
-    (folder / f".{IMAGES}").unlink()
+    staged.unlink()
 
 
 @contextmanager

@@ -31,7 +31,7 @@ from pipelines.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from pipelines.config import Params
 from pipelines.data.datasets import ImageDataset
 from pipelines.data.schema import LABELS
-from pipelines.data.source import SOURCE, source_manifest
+from pipelines.data.source import SOURCE, source_manifest, weights_origin
 from pipelines.data.store import SiteStore, open_site
 from pipelines.metrics import mean_auroc
 from pipelines.stage import StageError, run_stage
@@ -73,6 +73,7 @@ def _pretrain_size(params: Params, store: SiteStore, site: str, size: str, resum
     val_rows, val_meta = store.split("val")
     val_images, val_labels = np.asarray(store.images[val_rows]), val_meta[list(LABELS)].to_numpy()
 
+    origin = init_origin(params)
     initialized = initialize(p.init, size, params.base.seed)
     model = initialized.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
@@ -123,7 +124,7 @@ def _pretrain_size(params: Params, store: SiteStore, site: str, size: str, resum
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "history.json").write_text(json.dumps(state["history"], indent=2))
         (out / SOURCE).write_text(json.dumps(source_manifest(store, site, params.data.sites[site].format,
-                                                             data_version())))
+                                                             data_version(), init=origin)))
         mlflow.log_metrics(metrics)
         tags = {"source_site": site, "source_data_version": data_version(),
                 "base_init": spec.init.get("strategy", p.init), "model_size": size, "image_size": spec.image_size,
@@ -135,6 +136,25 @@ def _pretrain_size(params: Params, store: SiteStore, site: str, size: str, resum
           f"{site} test {metrics['test_mean_auroc']:.4f}) -> {out}, registered {version.name} v{version.version} "
           f"@{p.alias}", file=sys.stderr)
     return {"size": size, **metrics, "registered_model": version.name, "version": version.version}
+
+
+def init_origin(params: Params) -> dict[str, object] | None:
+    """What a ``checkpoint:`` init saw, carried into ``source.json`` so every training from the result checks it.
+
+    Raises:
+        StageError: the weights carry no provenance and ``pretrain.allow_unverified_init`` is false.
+    """
+    if not params.pretrain.init.startswith("checkpoint:"):
+        return None
+    path = Path(params.pretrain.init.removeprefix("checkpoint:"))
+    origin = weights_origin(path)
+    if origin is not None:
+        return origin
+    if not params.pretrain.allow_unverified_init:
+        raise StageError(f"{path} carries no provenance (no source.json or privacy.json beside it): what data it saw "
+                         f"is unknown, so it may hold the private site without DP; use weights made by the pretrain "
+                         f"or train stage, or set pretrain.allow_unverified_init: true")
+    return {"unverified": str(path)}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -60,7 +60,7 @@ from pipelines.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from pipelines.config import Params, Train
 from pipelines.data.datasets import ImageDataset, PatientDataset
 from pipelines.data.schema import LABELS
-from pipelines.data.source import SOURCE, SourceOverlapError, refuse_overlap
+from pipelines.data.source import SOURCE, SourceOverlapError, refuse_overlap, weights_origin
 from pipelines.data.splits import patient_unit_interval
 from pipelines.data.store import METADATA, SiteStore, open_site
 from pipelines.metrics import mean_auroc
@@ -320,7 +320,7 @@ def _initialize(params: Params, store: SiteStore, settings: dict[str, object]) -
             raise StageError(str(error)) from error
     folder = t.init.removeprefix("domain").removeprefix(":")
     if folder:
-        model, overlap = _load_pretrained(Path(folder), params, store)
+        model, overlap = _load_pretrained(Path(folder), params, store, settings)
         return Initialized(model, {"strategy": "domain", "source": folder, **overlap})
     from models.registry import download, get_version
 
@@ -330,7 +330,7 @@ def _initialize(params: Params, store: SiteStore, settings: dict[str, object]) -
     except LookupError as error:
         raise StageError(f"{error} (dvc repro pretrain, or mlflow run . -e pretrain)") from error
     with tempfile.TemporaryDirectory(prefix="dp-cxr-pretrained-") as scratch:
-        model, overlap = _load_pretrained(download(registered, Path(scratch)), params, store)
+        model, overlap = _load_pretrained(download(registered, Path(scratch)), params, store, settings)
     provenance = {**overlap, "strategy": "domain", "source": f"models:/{name}@{params.pretrain.alias}",
                   "registered_model": name, "version": registered.version, "pretrain_run_id": registered.run_id,
                   "pretrain_data_version": registered.tags.get("source_data_version", "")}
@@ -348,37 +348,59 @@ def _checkpoint_provenance(path: Path, params: Params, store: SiteStore, setting
     Raises:
         StageError: the provenance is unknown (and not allowed) or the weights saw the private site without DP.
     """
-    folder = path if path.is_dir() else path.parent
-    if (folder / SOURCE).is_file():
-        overlap = _overlap(folder, params, store)
-        return {"provenance": f"pretrained on {json.loads((folder / SOURCE).read_text())['site']}", **overlap}
-    if (folder / "privacy.json").is_file():
-        record = json.loads((folder / "privacy.json").read_text())
-        same_data = record.get("prepare_digest") == settings["prepare_digest"]
-        if same_data and str(record.get("epsilon")) == "inf":
-            raise StageError(f"{path} was trained non-privately on this private site (its privacy record says "
-                             f"epsilon = inf): starting from it would release that data without the DP guarantee")
-        return {"provenance": f"trained by DP-CXR, epsilon {record.get('epsilon')} on "
-                              f"{'this private data set' if same_data else 'another data set'}"}
+    origin = weights_origin(path)
+    if origin is None:
+        return _unverified(f"{path} carries no provenance (no source.json or privacy.json beside it)", params)
+    if "privacy_record" in origin:
+        return _trained_by_us(origin["privacy_record"], path, settings)
+    return {"provenance": f"pretrained on {origin['site']}", **_overlap(origin, path, params, store, settings)}
+
+
+def _trained_by_us(record: dict[str, object], path: Path, settings: dict[str, object]) -> dict[str, str]:
+    """The provenance of train-stage weights; refused when they saw this private data set without DP."""
+    same_data = record.get("prepare_digest") == settings["prepare_digest"]
+    if same_data and str(record.get("epsilon")) == "inf":
+        raise StageError(f"{path} was trained non-privately on this private site (its privacy record says "
+                         f"epsilon = inf): starting from it would release that data without the DP guarantee")
+    return {"provenance": f"trained by DP-CXR, epsilon {record.get('epsilon')} on "
+                          f"{'this private data set' if same_data else 'another data set'}"}
+
+
+def _unverified(problem: str, params: Params) -> dict[str, str]:
     if not params.train.allow_unverified_init:
-        raise StageError(f"{path} carries no provenance (no source.json or privacy.json beside it): what data it saw "
-                         f"is unknown, so it may hold the private site without DP; use weights made by the pretrain "
-                         f"or train stage, or set train.allow_unverified_init: true (the record and card show it)")
+        raise StageError(f"{problem}: what data it saw is unknown, so it may hold the private site without DP; use "
+                         f"weights made by the pretrain or train stage, or set train.allow_unverified_init: true (the "
+                         f"record and card show it)")
     return {"provenance": "UNVERIFIED: what these weights saw is unknown (train.allow_unverified_init)"}
 
 
-def _overlap(folder: Path, params: Params, store: SiteStore) -> dict[str, str]:
-    """The overlap counts of a pretrained model's source with the private site (all zero, or refused)."""
+def _overlap(manifest: dict[str, object], path: Path, params: Params, store: SiteStore,
+             settings: dict[str, object]) -> dict[str, str]:
+    """The overlap counts of a pretrained model's sources with the private site (all zero, or refused).
+
+    Also the verdict on the weights the first pretraining of the chain started from, when those saw data.
+    """
     try:
-        counts = refuse_overlap(folder / SOURCE, store, params.data.sites[params.private_site()].format)
+        counts, start = refuse_overlap(manifest, store, params.data.sites[params.private_site()].format)
     except SourceOverlapError as error:
         raise StageError(str(error)) from None
-    return {f"overlap.{key}": str(value) for key, value in counts.items()}
+    found = {f"overlap.{key}": str(value) for key, value in counts.items()}
+    if start is None:
+        return found
+    if "privacy_record" in start:
+        return {**found, "pretrain_init": _trained_by_us(start["privacy_record"], path, settings)["provenance"]}
+    return {**found, "pretrain_init": _unverified(f"{path} was pretrained from {start['unverified']}, which carries "
+                                                  f"no provenance", params)["provenance"]}
 
 
-def _load_pretrained(folder: Path, params: Params, store: SiteStore) -> tuple[nn.Module, dict[str, str]]:
+def _load_pretrained(folder: Path, params: Params, store: SiteStore, settings: dict[str, object]
+                     ) -> tuple[nn.Module, dict[str, str]]:
     """The pretrain stage's model in ``folder``, once it is known to share no data with the private site."""
-    overlap = _overlap(folder, params, store)
+    manifest = weights_origin(folder)
+    if manifest is None or "content_hashes" not in manifest:
+        raise StageError(f"{folder / SOURCE} is missing: without the pretraining source manifest the overlap with "
+                         f"the private site cannot be checked; pretrain with this version's pretrain stage")
+    overlap = _overlap(manifest, folder, params, store, settings)
     model, spec = load_model(folder)
     if (spec.size, spec.image_size) != (params.train.model, params.base.image_size):
         raise StageError(f"the pretrained model in {folder} is convnext_{spec.size} at {spec.image_size} px; this cell "

@@ -1,6 +1,7 @@
 """The preprocessed image store: one uint8 array per site (``images.npy``, N x S x S) and its metadata table.
 
-Row ``i`` of ``metadata.csv`` describes image ``i`` of the array. Training opens the array memory-mapped, so
+Row ``i`` of ``metadata.csv`` describes image ``i`` of the array, and row ``i`` of ``signatures.npy`` is its
+near-duplicate signature (see ``pipelines.data.source``). Training opens the array memory-mapped, so
 any image can be read at random (Poisson sampling needs that) without loading the whole site.
 """
 
@@ -15,6 +16,7 @@ import pandas as pd
 from pipelines.data.schema import LABELS
 
 IMAGES = "images.npy"
+SIGNATURES = "signatures.npy"
 METADATA = "metadata.csv"
 ID_COLUMNS = ("image_id", "patient_id", "study_id", "site", "path", "view", "sex", "split", "source_split",
               "content_hash")
@@ -27,10 +29,12 @@ class SiteStore:
     Attributes:
         images: memory-mapped uint8 array (N, S, S).
         metadata: one row per image, in the array's order.
+        signatures: memory-mapped uint8 (N, 32 * 32) near-duplicate signatures.
     """
 
     images: np.ndarray
     metadata: pd.DataFrame
+    signatures: np.ndarray
 
     def split(self, name: str) -> tuple[np.ndarray, pd.DataFrame]:
         """The row indices and metadata of one split."""
@@ -45,14 +49,19 @@ def open_site(folder: Path) -> SiteStore:
         FileNotFoundError: the folder lacks the store; run the prepare stage first.
         ValueError: the array and the table disagree.
     """
-    images_path, metadata_path = folder / IMAGES, folder / METADATA
+    images_path, metadata_path, signatures_path = folder / IMAGES, folder / METADATA, folder / SIGNATURES
     if not images_path.is_file() or not metadata_path.is_file():
         raise FileNotFoundError(f"no image store in {folder}: run `dvc repro prepare` first")
+    if not signatures_path.is_file():
+        raise FileNotFoundError(f"{folder} has no {SIGNATURES} (made by an older prepare stage): rerun "
+                                f"`dvc repro prepare`")
     images = np.load(images_path, mmap_mode="r")
     metadata = read_metadata(metadata_path)
-    if len(metadata) != images.shape[0]:
-        raise ValueError(f"{folder}: {images.shape[0]} images but {len(metadata)} metadata rows; rerun prepare")
-    return SiteStore(images, metadata)
+    signatures = np.load(signatures_path, mmap_mode="r")
+    if not len(metadata) == images.shape[0] == signatures.shape[0]:
+        raise ValueError(f"{folder}: {images.shape[0]} images, {signatures.shape[0]} signatures and {len(metadata)} "
+                         f"metadata rows; rerun prepare")
+    return SiteStore(images, metadata, signatures)
 
 
 def read_metadata(path: Path) -> pd.DataFrame:

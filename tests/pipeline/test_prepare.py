@@ -33,10 +33,12 @@ def test_prepare_writes_a_store_per_site(workspace):
     assert set(private["split"]) == {"train", "val", "test"}
     patients = [set(private.loc[private["split"] == s, "patient_id"]) for s in ("train", "val", "test")]
     assert not (patients[0] & patients[1]) and not (patients[0] & patients[2]) and not (patients[1] & patients[2])
-    # The store holds the preprocessed pixels of the listed file (content hash recomputed).
-    from models.preprocessing import load_image
-    first = private.iloc[0]
-    assert np.array_equal(open_site(out / params.private_site()).images[0], load_image(Path(first["path"]), 32))
+    # The store holds the preprocessed pixels of the listed file and its near-duplicate signature.
+    from models.preprocessing import decode_file, load_image
+    from pipelines.data.source import signature
+    first, store = private.iloc[0], open_site(out / params.private_site())
+    assert np.array_equal(store.images[0], load_image(Path(first["path"]), 32))
+    assert np.array_equal(store.signatures[0], signature(decode_file(Path(first["path"]))))
     assert not list(Path("artifacts").glob(".*partial"))
 
 

@@ -18,6 +18,7 @@ from models.weights import load_model
 from pipelines.config import load_params
 from pipelines.data.datasets import PatientDataset
 from pipelines.data.schema import LABELS
+from pipelines.data.source import source_manifest
 from pipelines.data.store import open_site
 from pipelines.metrics import mean_auroc
 from pipelines.tracking import flatten
@@ -232,7 +233,6 @@ def test_killed_run_resumes_and_counts_every_executed_step(workspace, tmp_path, 
 def _domain_folder(tmp_path, store, format):
     """A pretrained-model folder whose source manifest lists ``store``'s images and patients."""
     from models.weights import ModelSpec, save_model
-    from pipelines.data.source import source_manifest
 
     folder = tmp_path / "pretrained"
     save_model(initialize("scratch", "micro", 0).model, ModelSpec(size="micro", image_size=32), folder)
@@ -245,7 +245,8 @@ def test_domain_init_refuses_a_source_sharing_images_with_the_private_site(works
 
     store = open_site(Path("artifacts/prepare") / PRIVATE.name)
     folder = _domain_folder(workspace, store, "mimic-cxr-jpg")   # another id space: only content can match
-    with pytest.raises(StageError, match=f"shares {len(store.metadata)} images and 0 patient images"):
+    n = len(store.metadata)
+    with pytest.raises(StageError, match=f"shares {n} identical images, {n} near-duplicate images .* and 0 patient"):
         train(params(f"train.init=domain:{folder}", "train.epsilon=8"))
     assert not (Path("artifacts/train") / params(f"train.init=domain:{folder}").train.cell / "privacy.json").exists()
 
@@ -256,12 +257,38 @@ def test_domain_init_refuses_a_source_sharing_patients_with_the_private_site(wor
     store = open_site(Path("artifacts/prepare") / PRIVATE.name)
     folder = _domain_folder(workspace, store, "inhouse")
     manifest = json.loads((folder / "source.json").read_text())
-    manifest["content_hashes"] = []                              # other images of the same patients
+    manifest["content_hashes"], manifest["signatures"] = [], ""   # other images of the same patients
     (folder / "source.json").write_text(json.dumps(manifest))
-    with pytest.raises(StageError, match=f"shares 0 images and {len(store.metadata)} patient images"):
+    with pytest.raises(StageError, match=f"shares 0 identical images, 0 near-duplicate .* {len(store.metadata)} patient"):
         train(params(f"train.init=domain:{folder}", "train.epsilon=8"))
     (folder / "source.json").unlink()
     with pytest.raises(StageError, match="overlap with the private site cannot be checked"):
+        train(params(f"train.init=domain:{folder}", "train.epsilon=8"))
+
+
+def test_domain_init_refuses_a_source_holding_a_re_encoded_copy_of_a_private_image(workspace, private_store):
+    """A private PNG saved as JPEG (quality 90) with its contrast lowered has other bytes and other pixels: only
+    the near-duplicate signature can find it in the public source."""
+    import io
+
+    from PIL import Image
+
+    from models.preprocessing import decode_bytes
+    from pipelines.data.source import signature
+    from pipelines.data.store import SiteStore
+    from pipelines.stage import StageError
+
+    store = open_site(Path("artifacts/prepare") / PRIVATE.name)
+    folder = _domain_folder(workspace, store, "mimic-cxr-jpg")
+    original = private_store / store.metadata.at[5, "path"]
+    victim = np.asarray(Image.open(original), dtype=np.float32)
+    encoded = io.BytesIO()
+    Image.fromarray(np.round(victim * 0.92 + 8).astype(np.uint8)).save(encoded, "JPEG", quality=90)
+    copy = decode_bytes(encoded.getvalue())
+    assert not np.array_equal(copy, decode_bytes(original.read_bytes()))
+    public = SiteStore(store.images[:0], store.metadata.iloc[:0], signature(copy)[None])
+    (folder / "source.json").write_text(json.dumps(source_manifest(public, "a-public-source", "mimic-cxr-jpg", "x")))
+    with pytest.raises(StageError, match="shares 0 identical images, 1 near-duplicate images"):
         train(params(f"train.init=domain:{folder}", "train.epsilon=8"))
 
 
@@ -285,4 +312,29 @@ def test_a_checkpoint_init_must_say_what_data_it_saw(workspace):
     train(allowed)
     record = json.loads((Path("artifacts/train") / allowed.train.cell / "privacy.json").read_text())
     assert record["init"]["provenance"].startswith("UNVERIFIED")
+
+    # Pretraining from such weights carries what they saw into its source manifest, and training checks it.
+    from pipelines.pretrain import init_origin
+
+    with pytest.raises(StageError, match="pretrain.allow_unverified_init"):
+        init_origin(params(f"pretrain.init=checkpoint:{folder}"))
+    unverified = init_origin(params(f"pretrain.init=checkpoint:{folder}", "pretrain.allow_unverified_init=true"))
+    with pytest.raises(StageError, match="was pretrained from .* which carries no provenance"):
+        train(params(f"train.init=domain:{_pretrained_from(workspace, 'a', unverified)}", "train.epsilon=8"))
+    leaked = _pretrained_from(workspace, "b", init_origin(params(f"pretrain.init=checkpoint:{trained}")))
+    with pytest.raises(StageError, match="trained non-privately on this private site"):
+        train(params(f"train.init=domain:{leaked}", "train.epsilon=8"))
+
+
+def _pretrained_from(tmp_path, name, origin):
+    """A pretrained-model folder whose (empty) public source started from weights of the given origin."""
+    from models.weights import ModelSpec, save_model
+    from pipelines.data.store import SiteStore
+
+    store = open_site(Path("artifacts/prepare") / PRIVATE.name)
+    folder = tmp_path / f"pretrained-{name}"
+    save_model(initialize("scratch", "micro", 0).model, ModelSpec(size="micro", image_size=32), folder)
+    public = SiteStore(store.images[:0], store.metadata.iloc[:0], store.signatures[:0])
+    (folder / "source.json").write_text(json.dumps(source_manifest(public, "public", "mimic-cxr-jpg", "x", origin)))
+    return folder
 
