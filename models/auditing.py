@@ -184,9 +184,14 @@ class GradientCanaries:
     Canary i owns one coordinate of the model's parameters. Each canary is included with probability 1/2, and an
     included canary is Poisson-sampled at every logical step with the run's own rate q, like any unit; a sampled
     canary is one more per-sample gradient, zero everywhere but ``magnitude`` (above the clipping bound) on its
-    coordinate, and goes through the optimizer's clipping and noise like every example. Its score is the sum
-    over steps of the released noisy gradient at its coordinate: what an adversary who sees every iterate sees.
-    Inclusion and sampling come from ``generator`` (secret: the audit's own), and only the audit output holds them.
+    coordinate, clipped by the optimizer's own ``clip_and_accumulate`` and noised with the step's examples. Its
+    score is the sum over steps of the released noisy gradient at its coordinate: what an adversary who sees
+    every iterate sees. Inclusion and sampling come from ``generator`` (secret: the audit's own), and only the
+    audit output holds them.
+
+    The canaries are clipped in a pass of their own, over a vector of one coordinate per canary: a canary's norm
+    is that of its one non-zero coordinate wherever that coordinate lives, so the clipped values are the ones a
+    full-size canary row would get, without materialising rows of millions of zeros for every parameter.
     """
 
     def __init__(self, parameters: Sequence[torch.nn.Parameter], m: int, magnitude: float, sample_rate: float,
@@ -201,29 +206,54 @@ class GradientCanaries:
         while len(flat) < m:
             flat = torch.unique(torch.cat([flat, torch.randint(int(sizes.sum()), (m - len(flat),),
                                                                generator=generator)]))
+        # unique() sorts: shuffle, so a canary's index says nothing about where its coordinate lives.
+        flat = flat[torch.randperm(m, generator=generator)]
         starts = torch.cumsum(sizes, 0) - sizes
         self.owner = torch.searchsorted(torch.cumsum(sizes, 0), flat, right=True)
         self.coordinate = flat - starts[self.owner]
+        self._owned = [(index, torch.nonzero(self.owner == index).flatten()) for index in range(len(self.parameters))
+                       if bool((self.owner == index).any())]
         self.included = torch.rand(m, generator=generator) < 0.5
         self.scores = torch.zeros(m, dtype=torch.float64)
         self.sampled = torch.zeros(m, dtype=torch.int64)
-        self._step: torch.Tensor | None = None
+        self._clipper: tuple[torch.nn.Parameter, object] | None = None
 
     def draw(self) -> torch.Tensor:
         """The canaries this logical step samples (included ones, each with probability q)."""
         chosen = self.included & (torch.rand(self.m, generator=self.generator) < self.sample_rate)
-        self._step = torch.nonzero(chosen).flatten()
-        self.sampled[self._step] += 1
-        return self._step
+        step = torch.nonzero(chosen).flatten()
+        self.sampled[step] += 1
+        return step
 
-    def inject_per_sample(self) -> None:
-        """Appends this step's canaries to every parameter's per-sample gradients (before clipping)."""
+    def add_clipped(self, optimizer: object) -> None:
+        """Adds this step's canaries, clipped by ``optimizer``'s own clipping, to the sums its noise is added to.
+
+        Call before the ``step()`` that ends a logical batch: the canaries then share that step's noise.
+        """
         chosen = self.draw()
-        for index, p in enumerate(self.parameters):
-            rows = torch.zeros((len(chosen), p.numel()), dtype=p.grad_sample.dtype, device=p.grad_sample.device)
-            mine = self.owner[chosen] == index
-            rows[torch.nonzero(mine).flatten(), self.coordinate[chosen[mine]]] = self.magnitude
-            p.grad_sample = torch.cat([p.grad_sample, rows.view(len(chosen), *p.shape)])
+        shadow, clipper = self._clipper_like(optimizer)
+        rows = torch.zeros((len(chosen), self.m), dtype=shadow.dtype)
+        rows[torch.arange(len(chosen)), chosen] = self.magnitude
+        shadow.grad_sample, shadow.summed_grad = rows, None
+        clipper.clip_and_accumulate()
+        clipped = shadow.summed_grad
+        for index, mine in self._owned:
+            p = self.parameters[index]
+            if not bool(clipped[mine].any()):
+                continue
+            added = torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
+            added.index_add_(0, self.coordinate[mine].to(p.device), clipped[mine].to(p.device, p.dtype))
+            added = added.view_as(p)
+            p.summed_grad = added if p.summed_grad is None else p.summed_grad + added
+
+    def _clipper_like(self, optimizer: object) -> tuple[torch.nn.Parameter, object]:
+        """An optimizer of ``optimizer``'s class and clipping bound over one coordinate per canary."""
+        if self._clipper is None:
+            shadow = torch.nn.Parameter(torch.zeros(self.m))
+            clipper = type(optimizer)(torch.optim.SGD([shadow], lr=0.0), noise_multiplier=0.0,
+                                      max_grad_norm=optimizer.max_grad_norm, expected_batch_size=1)
+            self._clipper = shadow, clipper
+        return self._clipper
 
     def add_to_gradient(self, scale: float) -> None:
         """Adds this step's canaries to the summed gradient of a non-private step (no clipping, no noise)."""
@@ -236,6 +266,6 @@ class GradientCanaries:
 
     def observe(self) -> None:
         """Adds the released gradient at each canary's coordinate to its score (after the optimizer's step)."""
-        for index, p in enumerate(self.parameters):
-            mine = self.owner == index
+        for index, mine in self._owned:
+            p = self.parameters[index]
             self.scores[mine] += p.grad.detach().view(-1)[self.coordinate[mine].to(p.device)].double().cpu()

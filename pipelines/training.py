@@ -449,7 +449,7 @@ def _private_epoch(model: nn.Module, optimizer: object, loader: object, t: Train
             optimizer.zero_grad()
             _losses(model, x, y).mean().backward()
             if final and canaries is not None:
-                canaries.inject_per_sample()
+                canaries.add_clipped(optimizer)
             optimizer.step()                # accumulates, or clips + noises + updates at the logical batch's end
             if final:
                 if canaries is not None:

@@ -8,6 +8,7 @@ import pytest
 from scipy import stats
 
 from models.auditing import (
+    GradientCanaries,
     audit_scores,
     gaussian_epsilon,
     guess_grid,
@@ -111,3 +112,51 @@ def test_audit_scores_pays_for_choosing_the_guess_count():
     assert result.epsilon_lower_fdp >= result.epsilon_lower - 0.1
     with pytest.raises(ValueError, match="same length"):
         audit_scores(scores, included[:-1], 0.05, 1e-5)
+
+
+def _optimizer_with_per_sample_gradients(seed: int):
+    """A two-parameter model with 6 per-sample gradients of norm ~1-3 and a zero-noise DP optimizer (C = 1)."""
+    import torch
+
+    from models.privacy import BoundedClipDPOptimizer
+
+    torch.manual_seed(seed)
+    model = torch.nn.Linear(20, 5)
+    optimizer = BoundedClipDPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0,
+                                       max_grad_norm=1.0, expected_batch_size=8)
+    for p in model.parameters():
+        p.grad_sample = torch.randn(6, *p.shape) * 0.5
+    return model, optimizer
+
+
+def test_canaries_clipped_in_their_own_pass_equal_full_canary_rows():
+    """Each canary as a full-size per-sample gradient row (zero but on its coordinate) through the optimizer's
+    clipping gives the same sums as the canaries' own small pass: the shortcut changes the cost, not the values."""
+    import torch
+
+    model, optimizer = _optimizer_with_per_sample_gradients(0)
+    canaries = GradientCanaries(list(model.parameters()), 40, 10.0, 0.5, torch.Generator().manual_seed(1))
+    canaries.add_clipped(optimizer)
+    optimizer.clip_and_accumulate()
+    shortcut = [p.summed_grad.clone() for p in model.parameters()]
+
+    model, optimizer = _optimizer_with_per_sample_gradients(0)
+    full = GradientCanaries(list(model.parameters()), 40, 10.0, 0.5, torch.Generator().manual_seed(1))
+    chosen = full.draw()
+    assert len(chosen) > 3
+    for index, p in enumerate(model.parameters()):
+        rows = torch.zeros((len(chosen), p.numel()))
+        mine = full.owner[chosen] == index
+        rows[torch.nonzero(mine).flatten(), full.coordinate[chosen[mine]]] = 10.0
+        p.grad_sample = torch.cat([p.grad_sample, rows.view(len(chosen), *p.shape)])
+    optimizer.clip_and_accumulate()
+    for got, want in zip(shortcut, [p.summed_grad for p in model.parameters()], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    # Each sampled canary adds C (not its magnitude 10) on its coordinate: the clipping acted on it.
+    flat = torch.cat([g.flatten() for g in shortcut])
+    model, optimizer = _optimizer_with_per_sample_gradients(0)
+    optimizer.clip_and_accumulate()
+    without = torch.cat([p.summed_grad.flatten() for p in model.parameters()])
+    starts = torch.tensor([0, 100])
+    positions = starts[full.owner[chosen]] + full.coordinate[chosen]
+    torch.testing.assert_close((flat - without)[positions], torch.full((len(chosen),), 1.0 - 2.0**-16))
