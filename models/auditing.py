@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from scipy import optimize, special, stats
 
+from models.convnext import normalize
+
 
 def one_run_p_value(m: int, guesses: int, correct: int, epsilon: float, delta: float) -> float:
     """The probability, under (epsilon, delta)-DP, of at least ``correct`` right among ``guesses`` guesses.
@@ -269,3 +271,50 @@ class GradientCanaries:
         for index, mine in self._owned:
             p = self.parameters[index]
             self.scores[mine] += p.grad.detach().view(-1)[self.coordinate[mine].to(p.device)].double().cpu()
+
+
+class InputCanaries:
+    """Black-box input canaries: real-looking images with flipped labels, scored by the trained model's loss.
+
+    Each canary is included with probability 1/2 and an included canary is Poisson-sampled at every logical
+    step with the run's rate q, like any unit: a sampled canary joins that step's batch as one more example, so
+    it gets its per-sample gradient, clipping and noise from the training code itself. After training, its
+    score is minus the model's loss on it (an included canary the model fitted has a low loss): what anyone
+    who can query the final model sees. The images are public (never private ones) and carry every label
+    flipped, so only memorising the canary itself can fit it. Inclusion and sampling come from ``generator``.
+    Canaries are not augmented.
+
+    Args:
+        images: uint8 (m, S, S), preprocessed like the training images.
+        labels: (m, L) 0/1 true labels (the canaries carry them flipped).
+        sample_rate: the run's Poisson rate q.
+        generator: the audit's secret generator.
+    """
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, sample_rate: float, generator: torch.Generator
+                 ) -> None:
+        self.m, self.sample_rate, self.generator = len(images), sample_rate, generator
+        self.images = normalize(torch.from_numpy(np.ascontiguousarray(images)))
+        self.labels = 1 - torch.as_tensor(labels, dtype=torch.float32)
+        self.included = torch.rand(self.m, generator=generator) < 0.5
+        self.sampled = torch.zeros(self.m, dtype=torch.int64)
+        self.scores = torch.zeros(self.m, dtype=torch.float64)
+
+    def join(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch with this step's sampled canaries appended (included ones, each with probability q)."""
+        chosen = torch.nonzero(self.included & (torch.rand(self.m, generator=self.generator) < self.sample_rate))
+        chosen = chosen.flatten()
+        self.sampled[chosen] += 1
+        return torch.cat([x, self.images[chosen].to(x.device, x.dtype)]), torch.cat([y, self.labels[chosen].to(y)])
+
+    def score(self, model: torch.nn.Module, batch_size: int = 256) -> None:
+        """Scores every canary by minus the model's loss on it (eval mode, no gradients)."""
+        was_training = model.training
+        model.eval()
+        with torch.inference_mode():
+            for start in range(0, self.m, batch_size):
+                logits = model(self.images[start:start + batch_size])
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logits, self.labels[start:start + batch_size], reduction="none").sum(dim=1)
+                self.scores[start:start + batch_size] = -loss.double()
+        model.train(was_training)

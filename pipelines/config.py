@@ -240,6 +240,7 @@ class Audit(Section):
     cells: list[str] = Field(min_length=1)
     canaries: Positive
     magnitude: Number = Field(gt=1)
+    input_canaries: int = Field(ge=0)
     confidence: Number = Field(gt=0, lt=1)
 
 

@@ -135,28 +135,37 @@ def audit_of(params: Params, cell: str) -> dict[str, object] | None:
         return None
     audited = json.loads(path.read_text())
     if not audited["passed"]:
-        raise StageError(f"{cell}: its configuration failed the privacy audit (epsilon >= "
-                         f"{max(audited['epsilon_lower'], audited['epsilon_lower_fdp']):.3f} measured, "
+        lower = max(max(audited[kind]["epsilon_lower"], audited[kind]["epsilon_lower_fdp"]) for kind in _kinds(audited))
+        raise StageError(f"{cell}: its configuration failed the privacy audit (epsilon >= {lower:.3f} measured, "
                          f"{audited['epsilon_claimed']} claimed, {path}): registration refused")
     return audited
 
 
+def _kinds(audited: dict[str, object]) -> list[str]:
+    return [kind for kind in ("whitebox", "blackbox") if kind in audited]
+
+
 def audit_tags(audited: dict[str, object] | None) -> dict[str, str]:
-    """The registry tags of an audit: its lower bounds, rounded down (a shortened lower bound stays one)."""
+    """The registry tags of an audit: its lower bounds per canary kind, rounded down (shortened, still a bound)."""
     if audited is None:
         return {}
-    return {"audit.epsilon_lower.whitebox": _down(audited["epsilon_lower"]),
-            "audit.epsilon_lower_fdp.whitebox": _down(audited["epsilon_lower_fdp"]),
-            "audit.confidence": str(audited["confidence"]), "audit.canaries": str(audited["m"])}
+    tags = {"audit.confidence": str(audited["confidence"])}
+    for kind in _kinds(audited):
+        tags |= {f"audit.epsilon_lower.{kind}": _down(audited[kind]["epsilon_lower"]),
+                 f"audit.epsilon_lower_fdp.{kind}": _down(audited[kind]["epsilon_lower_fdp"]),
+                 f"audit.canaries.{kind}": str(audited[kind]["m"])}
+    return tags
 
 
 def _audit_text(audited: dict[str, object] | None, epsilon: str) -> str:
     if audited is None:
         return "not audited (add the cell to audit.cells)"
-    return (f"audited: epsilon >= {_down(audited['epsilon_lower'])} (one-run), >= "
-            f"{_down(audited['epsilon_lower_fdp'])} (f-DP) at {float(audited['confidence']):.0%} confidence, against "
-            f"a proven epsilon <= {epsilon}; {audited['kind']}, m = {audited['m']}, one training run of this "
-            f"configuration (a lower bound: evidence the implementation does not leak more, not a proof)")
+    found = "; ".join(f"{audited[kind]['kind']}, m = {audited[kind]['m']}: epsilon >= "
+                      f"{_down(audited[kind]['epsilon_lower'])} (one-run), >= "
+                      f"{_down(audited[kind]['epsilon_lower_fdp'])} (f-DP)" for kind in _kinds(audited))
+    return (f"audited at {float(audited['confidence']):.0%} confidence against a proven epsilon <= {epsilon}: "
+            f"{found}; one training run of this configuration (a lower bound: evidence the implementation does "
+            f"not leak more, not a proof)")
 
 
 def registered_record(choice: Choice, delta: float, audited: dict[str, object] | None = None) -> dict[str, str]:

@@ -39,7 +39,7 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from tqdm import tqdm
 
-from models.auditing import GradientCanaries
+from models.auditing import GradientCanaries, InputCanaries
 from models.convnext import predict
 from models.initialization import Initialized, initialize
 from models.per_sample import TOLERANCE, max_relative_error
@@ -57,7 +57,7 @@ from models.weights import ModelSpec, load_model, save_model
 from pipelines.budget import DataSet, LedgerRun, check_budget, composed_epsilon, histories
 from pipelines.cells import run_name
 from pipelines.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
-from pipelines.config import Params, Train
+from pipelines.config import ConfigError, Params, Train
 from pipelines.data.datasets import ImageDataset, PatientDataset
 from pipelines.data.schema import LABELS
 from pipelines.data.source import SOURCE, SourceOverlapError, refuse_overlap, weights_origin
@@ -73,10 +73,17 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing when gra
 
 @dataclass(frozen=True)
 class Canaries:
-    """An audit run's gradient canaries: how many, and their norm before clipping (in units of C)."""
+    """An audit run's canaries.
+
+    Attributes:
+        count: white-box gradient canaries.
+        magnitude: their norm before clipping, in units of C.
+        inputs: black-box input canaries (public images with flipped labels); 0 for none.
+    """
 
     count: int
     magnitude: float
+    inputs: int
 
 
 def run_training(params: Params, resume: bool = False, canaries: Canaries | None = None) -> dict[str, object]:
@@ -132,12 +139,14 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
         remaining = mechanism.steps - (ledger.steps() if resume else 0)
         check_budget(params, data_set, [(mechanism.noise_multiplier, mechanism.sample_rate, max(remaining, 0))])
     initialized = _initialize(params, store, settings)    # refuses an init it cannot trace before writing anything
+    randomness = Randomness.public(t.seed) if t.reproducible else Randomness.secret()
+    public_images = None if canaries is None or not canaries.inputs else _canary_images(params, canaries.inputs,
+                                                                                         randomness)
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     val_rows, val_meta = store.split("val")
     val_images, val_labels = np.asarray(store.images[val_rows]), val_meta[list(LABELS)].to_numpy()
-    randomness = Randomness.public(t.seed) if t.reproducible else Randomness.secret()
 
     if canaries is None:
         close_abandoned_runs(cell)
@@ -172,6 +181,7 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
             plain = model._module if is_private else model
             audit = None if canaries is None else GradientCanaries(
                 list(plain.parameters()), canaries.count, canaries.magnitude * t.max_grad_norm, q, randomness.canaries)
+            inputs = None if public_images is None else InputCanaries(*public_images, q, randomness.canaries)
             if resume:
                 state = _resume(out, plain, optimizer, accountant, ledger)
 
@@ -182,10 +192,11 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
                                 file=sys.stderr, mininterval=1.0)
                 progress.set_postfix(eps=f"{state['epsilon']:.2f}")
                 if is_private:
-                    _private_epoch(model, optimizer, loader, t, (ledger, budget_run), (sigma, q), progress, audit)
+                    _private_epoch(model, optimizer, loader, t, (ledger, budget_run), (sigma, q), progress, audit,
+                                   inputs)
                     budget_run.sync(epoch)
                 else:
-                    _plain_epoch(model, optimizer, loader, t, ledger, q * n, progress, audit)
+                    _plain_epoch(model, optimizer, loader, t, ledger, q * n, progress, audit, inputs)
                 state["step"] += progress.n
                 progress.close()
                 if accountant is not None:
@@ -216,7 +227,10 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
         if audit is not None:
             history = ledger.history() if is_private else []
             claimed = _cross_checked(history, t) if history else {"reported": math.inf}
-            return {"cell": cell, "canaries": audit, "epsilon": claimed["reported"], "delta": t.delta,
+            if inputs is not None:
+                inputs.score(plain)
+            return {"cell": cell, "canaries": audit, "input_canaries": inputs, "epsilon": claimed["reported"],
+                    "delta": t.delta,
                     "run_id": mlflow.active_run().info.run_id, "out": out,
                     "noise_multiplier": sigma, "sample_rate": q, "steps": ledger.steps(), "n": n,
                     "noise_seed": randomness.kind, "data_set": data_set.key}
@@ -408,6 +422,25 @@ def _load_pretrained(folder: Path, params: Params, store: SiteStore, settings: d
     return model, overlap
 
 
+def _canary_images(params: Params, count: int, randomness: Randomness) -> tuple[np.ndarray, np.ndarray]:
+    """Images and true labels for black-box canaries: ``count`` images of the public source, never private ones.
+
+    Raises:
+        StageError: there is no public source, or it has fewer images than ``count``.
+    """
+    try:
+        site = params.public_site()
+    except ConfigError as error:
+        raise StageError(f"black-box canaries are public-source images: {error} (or set audit.input_canaries: 0)"
+                         ) from None
+    store = open_site(Path(params.base.artifacts) / "prepare" / site)
+    if len(store.metadata) < count:
+        raise StageError(f"audit.input_canaries={count} needs as many public images; {site} has "
+                         f"{len(store.metadata)}: lower it")
+    rows = np.sort(torch.randperm(len(store.metadata), generator=randomness.canaries)[:count].numpy())
+    return np.asarray(store.images[rows]), store.metadata.iloc[rows][list(LABELS)].to_numpy()
+
+
 def _self_check(model: nn.Module, dataset: torch.utils.data.Dataset, t: Train) -> None:
     count = min(t.self_check_images, len(dataset))
     x = torch.stack([dataset[i][0] for i in range(count)])
@@ -432,12 +465,12 @@ def _losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 def _private_epoch(model: nn.Module, optimizer: object, loader: object, t: Train,
                    ledgers: tuple[StepLedger, LedgerRun], mechanism: tuple[float, float], progress: tqdm,
-                   canaries: GradientCanaries | None) -> None:
+                   canaries: GradientCanaries | None, inputs: InputCanaries | None) -> None:
     """One epoch of DP-SGD: Poisson logical batches in physical chunks; clipping and noise at each logical step.
 
     No statistic of the training examples (not even their mean loss) leaves this loop: it would be released
-    without the DP guarantee. An audit's canaries join each logical step's per-sample gradients before
-    clipping, and read the released noisy gradient after it.
+    without the DP guarantee. An audit's gradient canaries join each logical step's clipped sums and read the
+    released noisy gradient after it; its input canaries join the step's last physical batch as examples.
     """
     with BatchMemoryManager(data_loader=loader, max_physical_batch_size=t.physical_batch,
                             optimizer=optimizer) as batches:
@@ -446,6 +479,8 @@ def _private_epoch(model: nn.Module, optimizer: object, loader: object, t: Train
             if final:                       # recorded before the step that releases noise about these examples
                 ledgers[0].record(*mechanism)
                 ledgers[1].step()
+            if final and inputs is not None:
+                x, y = inputs.join(x, y)
             optimizer.zero_grad()
             _losses(model, x, y).mean().backward()
             if final and canaries is not None:
@@ -458,10 +493,13 @@ def _private_epoch(model: nn.Module, optimizer: object, loader: object, t: Train
 
 
 def _plain_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: object, t: Train, ledger: StepLedger,
-                 expected_batch: float, progress: tqdm, canaries: GradientCanaries | None) -> None:
+                 expected_batch: float, progress: tqdm, canaries: GradientCanaries | None,
+                 inputs: InputCanaries | None) -> None:
     """One non-private epoch over the same Poisson logical batches, averaged over the expected batch size."""
     for x, y in loader:
         ledger.record(0.0, float(loader.sample_rate))
+        if inputs is not None:
+            x, y = inputs.join(x, y)
         optimizer.zero_grad()
         for cx, cy in zip(torch.split(x, t.physical_batch), torch.split(y, t.physical_batch), strict=True):
             (_losses(model, cx, cy).sum() / expected_batch).backward()

@@ -28,7 +28,7 @@ def tiny(params: dict) -> None:
     """Edits raw params.yaml content to the study at a tiny scale: a few hundred 32 px images, the 0.23M-parameter
     ``micro`` ConvNeXt, one epoch per model, the domain init (pretraining, registry, overlap check) at epsilon 8
     and inf on half and all the data (a data-scale sweep, two candidates per epsilon for the registry's choice),
-    an audit of one cell with 200 canaries, 50 resamples."""
+    an audit of one cell with 200 gradient and 100 input canaries, 50 resamples."""
     # A few hundred images cannot meet the default subgroup thresholds: relax those the tiny set misses.
     params["validate"].update(min_test_age_bin_count=0, min_prevalence=0.0, max_prevalence=1.0)
     params["base"]["image_size"] = 32
@@ -37,7 +37,7 @@ def tiny(params: dict) -> None:
     params["train"].update(model="micro", epochs=1, logical_batch=32, physical_batch=32, self_check_images=2)
     params["grid"].update(inits=["domain"], epsilons=[8, "inf"], models=["micro"], data_fractions=[0.5, 1.0])
     params["evaluate"].update(resamples=50, min_subgroup_positives=3)
-    params["audit"].update(cells=["domain-8-micro-1.0-0"], canaries=200)
+    params["audit"].update(cells=["domain-8-micro-1.0-0"], canaries=200, input_canaries=100)
     params["register"].update(aliases={"champion": 8, "non-private-baseline": "inf"}, private_aliases=["champion"])
 
 

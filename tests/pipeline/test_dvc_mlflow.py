@@ -35,7 +35,9 @@ def test_repro_builds_every_stage_and_names_each_cell_once(tiny_project):
     assert sorted(p.name for p in (root / "artifacts/train").iterdir()) == sorted(cells)
     assert cells == ["domain-8-micro-0.5-0", "domain-8-micro-1.0-0", "domain-inf-micro-0.5-0", "domain-inf-micro-1.0-0"]
     audited = json.loads((root / "artifacts/audit/domain-8-micro-1.0-0/audit.json").read_text())
-    assert audited["passed"] is True and audited["m"] == 200 and audited["epsilon_lower"] <= audited["epsilon_claimed"]
+    assert audited["passed"] is True and audited["whitebox"]["m"] == 200 and audited["blackbox"]["m"] == 100
+    assert max(audited[k][bound] for k in ("whitebox", "blackbox") for bound in ("epsilon_lower", "epsilon_lower_fdp")
+               ) <= audited["epsilon_claimed"]
     assert "up to date" in tiny_project.dvc("status")
 
 
@@ -81,10 +83,12 @@ def registered_model_agrees_with_the_report(project):
     for entry in registered:
         tags = mlflow.MlflowClient().get_model_version("dp-cxr-classifier", entry["version"]).tags
         if entry["cell"] == "domain-8-micro-1.0-0":
-            assert float(tags["audit.epsilon_lower.whitebox"]) <= audited["epsilon_lower"] < float(
-                tags["audit.epsilon_lower.whitebox"]) + 1e-4
-            assert tags["privacy.audit"].startswith(f"audited: epsilon >= {tags['audit.epsilon_lower.whitebox']} "
-                                                    f"(one-run)") and "against a proven epsilon <=" in tags["privacy.audit"]
+            for kind in ("whitebox", "blackbox"):
+                assert float(tags[f"audit.epsilon_lower.{kind}"]) <= audited[kind]["epsilon_lower"] < float(
+                    tags[f"audit.epsilon_lower.{kind}"]) + 1e-4
+                assert f"m = {audited[kind]['m']}: epsilon >= {tags[f'audit.epsilon_lower.{kind}']} (one-run)" in tags[
+                    "privacy.audit"]
+            assert tags["privacy.audit"].startswith("audited at 95% confidence against a proven epsilon <=")
         else:
             assert "audit.epsilon_lower.whitebox" not in tags and tags["privacy.audit"].startswith("not audited")
 

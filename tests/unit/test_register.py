@@ -96,21 +96,26 @@ def test_a_failed_audit_refuses_the_configuration_and_a_passed_one_is_shown(tmp_
     assert audit_of(params, "domain-8-atto-1.0-0") is None
     folder = tmp_path / "audit" / "domain-8-atto-1.0-0"
     folder.mkdir(parents=True)
-    audited = {"passed": False, "epsilon_lower": 9.31234, "epsilon_lower_fdp": 11.98765, "epsilon_claimed": 7.9951,
-               "confidence": 0.95, "m": 1000, "kind": "white-box gradient canaries"}
+    blackbox = {"epsilon_lower": 0.5, "epsilon_lower_fdp": 0.7, "m": 500, "kind": "black-box input canaries"}
+    audited = {"passed": False, "epsilon_claimed": 7.9951, "confidence": 0.95, "blackbox": blackbox,
+               "whitebox": {"epsilon_lower": 9.31234, "epsilon_lower_fdp": 11.98765, "m": 1000,
+                            "kind": "white-box gradient canaries"}}
     (folder / "audit.json").write_text(json.dumps(audited))
     with pytest.raises(StageError, match=r"domain-8-atto-1.0-0: its configuration failed the privacy audit \(epsilon "
                                          r">= 11.988 measured, 7.9951 claimed"):
         audit_of(params, "domain-8-atto-1.0-0")
-    (folder / "audit.json").write_text(json.dumps({**audited, "passed": True, "epsilon_lower": 0.31239,
-                                                   "epsilon_lower_fdp": 0.45671}))
+    (folder / "audit.json").write_text(json.dumps({**audited, "passed": True, "whitebox": {
+        **audited["whitebox"], "epsilon_lower": 0.31239, "epsilon_lower_fdp": 0.45671}}))
     audited = audit_of(params, "domain-8-atto-1.0-0")
-    assert audit_tags(audited) == {"audit.epsilon_lower.whitebox": "0.3123", "audit.epsilon_lower_fdp.whitebox":
-                                   "0.4567", "audit.confidence": "0.95", "audit.canaries": "1000"}
+    assert audit_tags(audited) == {
+        "audit.confidence": "0.95", "audit.epsilon_lower.whitebox": "0.3123", "audit.epsilon_lower_fdp.whitebox":
+        "0.4567", "audit.canaries.whitebox": "1000", "audit.epsilon_lower.blackbox": "0.5000",
+        "audit.epsilon_lower_fdp.blackbox": "0.7000", "audit.canaries.blackbox": "500"}
     cell = _cell(tmp_path / "a", {**COMPLETE, "epsilon": 7.9951, "history": [[0.91, 1 / 7, 42]]})
     [chosen] = choose(load_params(overrides=["grid.epsilons=[8]", "register.aliases={champion: 8}",
                                              "audit.cells=[domain-8-atto-1.0-0]"]), [cell])
     record = registered_record(chosen, 1e-5, audited)
-    assert record["audit"].startswith("audited: epsilon >= 0.3123 (one-run), >= 0.4567 (f-DP) at 95% confidence, "
-                                      "against a proven epsilon <= 7.9951")
+    assert record["audit"].startswith("audited at 95% confidence against a proven epsilon <= 7.9951: white-box "
+                                      "gradient canaries, m = 1000: epsilon >= 0.3123 (one-run), >= 0.4567 (f-DP); "
+                                      "black-box input canaries, m = 500: epsilon >= 0.5000 (one-run)")
     assert registered_record(chosen, 1e-5)["audit"].startswith("not audited")
