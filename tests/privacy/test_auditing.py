@@ -65,36 +65,60 @@ def test_nothing_is_rejected_by_chance_level_guesses():
     assert one_run_epsilon_fdp(1000, 200, 100, 0.05, 1e-5) == 0.0
 
 
-# The idealised Gaussian mechanism: m = 100,000 canaries, each included with probability 1/2 and observed as
+# The idealised Gaussian mechanism: m canaries, each included with probability 1/2 and observed as
 # (1 if included) + N(0, sigma^2); two-sided guesses on the k highest and k lowest scores; 95% confidence,
-# delta = 1e-5. Mahloujifar et al. (2025) report, against true epsilon 9.99 / 4.37 / 1.99 / 0.92:
+# delta = 1e-5. Mahloujifar et al. (2025) report, against true epsilon 9.99 / 4.37 / 1.99 / 0.92, for m = 10^6
+# canaries and each run's best guess count:
 PUBLISHED = {0.5: (4.99, 8.16), 1: (2.61, 3.61), 2: (1.33, 1.59), 4: (0.61, 0.82)}
-# The guess counts per side, fixed before these draws (each the best mean over six other draws): the paper
-# chose its counts after the fact, which the fixed counts here cannot do.
+TRUE_EPSILON = {0.5: 10.0, 1: 4.38, 2: 1.99, 4: 0.93}
+
+
+def _ranked(m: int, sigma: float, seed: list[int]) -> np.ndarray:
+    """Which canaries were included, in the order of their observed scores (lowest first)."""
+    rng = np.random.default_rng(seed)
+    included = rng.random(m) < 0.5
+    return included[np.argsort(included + rng.normal(0, sigma, m), kind="stable")]
+
+
+def _correct(ranked: np.ndarray, k: int) -> int:
+    return int(ranked[-k:].sum() + (~ranked[:k]).sum())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sigma", PUBLISHED)
+def test_idealised_gaussian_mechanism_matches_the_published_bounds(sigma):
+    """m = 10^6, the best of a grid of guess counts in each run, as the paper reports (measured here: one-run
+    4.71 / 2.61 / 1.29 / 0.61, f-DP 8.21 / 3.57 / 1.62 / 0.73 over five runs)."""
+    assert round(gaussian_epsilon(sigma, 1e-5), 2) == TRUE_EPSILON[sigma]
+    m, counts = 1_000_000, np.unique(np.geomspace(500, 30_000, 14).astype(int))
+    steinke, fdp = [], []
+    for repetition in range(5):
+        ranked = _ranked(m, sigma, [77, repetition])
+        correct = {k: _correct(ranked, k) for k in counts}
+        steinke.append(max(one_run_epsilon(m, 2 * k, correct[k], 0.05, 1e-5) for k in counts))
+        fdp.append(max(one_run_epsilon_fdp(m, 2 * k, correct[k], 0.05, 1e-5) for k in counts))
+    published_steinke, published_fdp = PUBLISHED[sigma]
+    assert np.mean(steinke) == pytest.approx(published_steinke, abs=0.3)
+    assert np.mean(fdp) == pytest.approx(published_fdp, abs=0.3)
+
+
+# The guess counts per side for m = 100,000, fixed before these draws (each the best mean over six other draws).
 GUESSES = {0.5: (3219, 981), 1: (569, 509), 2: (569, 264), 4: (426, 212)}
-M = 100_000
 
 
 @pytest.mark.parametrize("sigma", PUBLISHED)
-def test_idealised_gaussian_mechanism_matches_the_published_bounds(sigma):
-    true_epsilon = gaussian_epsilon(sigma, 1e-5)
-    assert round(true_epsilon, 2) == {0.5: 10.0, 1: 4.38, 2: 1.99, 4: 0.93}[sigma]
-    k_steinke, k_fdp = GUESSES[sigma]
+def test_idealised_gaussian_bounds_at_a_count_fixed_beforehand_hold_at_their_confidence(sigma):
+    """A best-of-many count is not a 95% bound (the audit pays for choosing it, see below); a count fixed before
+    the draws is: over 20 runs the bound may exceed the true epsilon in 5% of them, and f-DP is the tighter."""
+    m, (k_steinke, k_fdp) = 100_000, GUESSES[sigma]
     steinke, fdp = [], []
     for repetition in range(20):
-        rng = np.random.default_rng([2025, repetition])
-        included = rng.random(M) < 0.5
-        ranked = included[np.argsort(included + rng.normal(0, sigma, M), kind="stable")]
-        correct = {k: int(ranked[-k:].sum() + (~ranked[:k]).sum()) for k in GUESSES[sigma]}
-        steinke.append(one_run_epsilon(M, 2 * k_steinke, correct[k_steinke], 0.05, 1e-5))
-        fdp.append(one_run_epsilon_fdp(M, 2 * k_fdp, correct[k_fdp], 0.05, 1e-5))
-    published_steinke, published_fdp = PUBLISHED[sigma]
-    assert np.mean(steinke) == pytest.approx(published_steinke, abs=0.3)
-    # f-DP is the tighter of the two and within 0.3 of the published figure, except at sigma 0.5 (measured 7.2
-    # against 8.16): the paper's guess count was the best one after the fact, a fixed count is not.
-    assert np.mean(fdp) > np.mean(steinke) - 0.1
-    assert np.mean(fdp) == pytest.approx(published_fdp, abs=0.3 if sigma != 0.5 else 1.0)
-    # A 95% lower bound may exceed the truth in 5% of runs: more than 3 of 20 has probability 1.6%.
+        ranked = _ranked(m, sigma, [2025, repetition])
+        steinke.append(one_run_epsilon(m, 2 * k_steinke, _correct(ranked, k_steinke), 0.05, 1e-5))
+        fdp.append(one_run_epsilon_fdp(m, 2 * k_fdp, _correct(ranked, k_fdp), 0.05, 1e-5))
+    assert 0 < np.mean(steinke) < np.mean(fdp) + 0.1
+    # More than 3 of 20 above the truth has probability 1.6% for a valid 95% bound.
+    true_epsilon = gaussian_epsilon(sigma, 1e-5)
     assert sum(b > true_epsilon for b in steinke) <= 3 and sum(b > true_epsilon for b in fdp) <= 3
 
 
