@@ -180,7 +180,27 @@ def gaussian_epsilon(sigma: float, delta: float) -> float:
     return math.inf if sigma == 0 else float(dp_accounting.get_epsilon_gaussian(sigma, delta))
 
 
-class GradientCanaries:
+class _Canaries:
+    """What both canary kinds share: inclusion (probability 1/2), Poisson sampling at q, one score each.
+
+    Inclusion and sampling are drawn from the audit's secret ``generator``.
+    """
+
+    def __init__(self, m: int, sample_rate: float, generator: torch.Generator) -> None:
+        self.m, self.sample_rate, self.generator = m, sample_rate, generator
+        self.included = torch.rand(m, generator=generator) < 0.5
+        self.sampled = torch.zeros(m, dtype=torch.int64)
+        self.scores = torch.zeros(m, dtype=torch.float64)
+
+    def draw(self) -> torch.Tensor:
+        """The canaries this logical step samples (included ones, each with probability q)."""
+        chosen = self.included & (torch.rand(self.m, generator=self.generator) < self.sample_rate)
+        step = torch.nonzero(chosen).flatten()
+        self.sampled[step] += 1
+        return step
+
+
+class GradientCanaries(_Canaries):
     """White-box Dirac gradient canaries for one DP-SGD run (Steinke, Nasr & Jagielski 2023; Nasr et al. 2023).
 
     Canary i owns one coordinate of the model's parameters. Each canary is included with probability 1/2, and an
@@ -202,7 +222,8 @@ class GradientCanaries:
         sizes = torch.tensor([p.numel() for p in self.parameters])
         if m > int(sizes.sum()):
             raise ValueError(f"{m} canaries need {m} parameter coordinates; the model has {int(sizes.sum())}")
-        self.m, self.magnitude, self.sample_rate, self.generator = m, magnitude, sample_rate, generator
+        super().__init__(m, sample_rate, generator)
+        self.magnitude = magnitude
         # m distinct coordinates, uniformly, without a permutation of every parameter (8 bytes each).
         flat = torch.empty(0, dtype=torch.int64)
         while len(flat) < m:
@@ -215,17 +236,7 @@ class GradientCanaries:
         self.coordinate = flat - starts[self.owner]
         self._owned = [(index, torch.nonzero(self.owner == index).flatten()) for index in range(len(self.parameters))
                        if bool((self.owner == index).any())]
-        self.included = torch.rand(m, generator=generator) < 0.5
-        self.scores = torch.zeros(m, dtype=torch.float64)
-        self.sampled = torch.zeros(m, dtype=torch.int64)
         self._clipper: tuple[torch.nn.Parameter, object] | None = None
-
-    def draw(self) -> torch.Tensor:
-        """The canaries this logical step samples (included ones, each with probability q)."""
-        chosen = self.included & (torch.rand(self.m, generator=self.generator) < self.sample_rate)
-        step = torch.nonzero(chosen).flatten()
-        self.sampled[step] += 1
-        return step
 
     def add_clipped(self, optimizer: object) -> None:
         """Adds this step's canaries, clipped by ``optimizer``'s own clipping, to the sums its noise is added to.
@@ -259,9 +270,10 @@ class GradientCanaries:
 
     def add_to_gradient(self, scale: float) -> None:
         """Adds this step's canaries to the summed gradient of a non-private step (no clipping, no noise)."""
-        chosen = self.draw()
-        for index, p in enumerate(self.parameters):
-            mine = chosen[self.owner[chosen] == index]
+        step = torch.zeros(self.m, dtype=torch.bool)
+        step[self.draw()] = True
+        for index, mine in self._owned:
+            p, mine = self.parameters[index], mine[step[mine]]
             p.grad.view(-1).index_add_(0, self.coordinate[mine].to(p.device),
                                        torch.full((len(mine),), self.magnitude * scale, dtype=p.grad.dtype,
                                                   device=p.device))
@@ -273,7 +285,7 @@ class GradientCanaries:
             self.scores[mine] += p.grad.detach().view(-1)[self.coordinate[mine].to(p.device)].double().cpu()
 
 
-class InputCanaries:
+class InputCanaries(_Canaries):
     """Black-box input canaries: real-looking images with flipped labels, scored by the trained model's loss.
 
     Each canary is included with probability 1/2 and an included canary is Poisson-sampled at every logical
@@ -293,18 +305,13 @@ class InputCanaries:
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, sample_rate: float, generator: torch.Generator
                  ) -> None:
-        self.m, self.sample_rate, self.generator = len(images), sample_rate, generator
+        super().__init__(len(images), sample_rate, generator)
         self.images = normalize(torch.from_numpy(np.ascontiguousarray(images)))
         self.labels = 1 - torch.as_tensor(labels, dtype=torch.float32)
-        self.included = torch.rand(self.m, generator=generator) < 0.5
-        self.sampled = torch.zeros(self.m, dtype=torch.int64)
-        self.scores = torch.zeros(self.m, dtype=torch.float64)
 
     def join(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch with this step's sampled canaries appended (included ones, each with probability q)."""
-        chosen = torch.nonzero(self.included & (torch.rand(self.m, generator=self.generator) < self.sample_rate))
-        chosen = chosen.flatten()
-        self.sampled[chosen] += 1
+        chosen = self.draw()
         return torch.cat([x, self.images[chosen].to(x.device, x.dtype)]), torch.cat([y, self.labels[chosen].to(y)])
 
     def score(self, model: torch.nn.Module, batch_size: int = 256) -> None:
