@@ -108,6 +108,16 @@ def make_project(root: Path, data: Path) -> Project:
     return project
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Stops at once when xdist's ``--dist loadgroup`` no longer keeps a group on one worker (its node-id suffix
+    is gone, as with pytest 9): the tests sharing the tiny project would wait on each other's build."""
+    if getattr(session.config.option, "loadgroup", False):
+        scattered = [item.nodeid for item in session.items
+                     if item.get_closest_marker("xdist_group") and "@" not in item.nodeid]
+        if scattered:
+            raise pytest.UsageError(f"--dist loadgroup did not group {scattered[0]}: use pytest < 9 (pyproject.toml)")
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_tool_state(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Points MLflow, DVC, BentoML and Great Expectations at a temp folder, so tests leave nothing behind.

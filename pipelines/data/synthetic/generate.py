@@ -66,10 +66,10 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2,
         The number of images written.
     """
     with atomic_folder(out) as partial:
-        tasks = _write_metadata(partial, seed, scale, sites)
+        tasks = write_metadata(partial, seed, scale, sites)
         started = time.perf_counter()
         with multiprocessing.get_context("fork").Pool(workers) as pool:
-            for _ in tqdm(pool.imap_unordered(_render_one, tasks, chunksize=16), total=len(tasks),
+            for _ in tqdm(pool.imap_unordered(render_one, tasks, chunksize=16), total=len(tasks),
                           desc="render", unit="img", file=sys.stderr, mininterval=1.0):
                 pass
         elapsed = time.perf_counter() - started
@@ -78,8 +78,18 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2,
     return len(tasks)
 
 
-def _write_metadata(partial: Path, seed: int, scale: float, sites: tuple[SiteSpec, ...]) -> list[RenderTask]:
-    """Samples every site's cohort, writes its native metadata files and lists the images to render."""
+def write_metadata(partial: Path, seed: int, scale: float, sites: tuple[SiteSpec, ...]) -> list[RenderTask]:
+    """Samples every site's cohort, writes its native metadata files and lists the images to render.
+
+    Args:
+        partial: the folder to write into.
+        seed: the data set's seed.
+        scale: multiplies each site's number of patients.
+        sites: the sites to write.
+
+    Returns:
+        One task per image; each renders alone (``render_one``), whatever else is rendered.
+    """
     tasks: list[RenderTask] = []
     for site_index, spec in enumerate(sites):
         rng = np.random.default_rng([seed, site_index])
@@ -95,7 +105,8 @@ def _write_metadata(partial: Path, seed: int, scale: float, sites: tuple[SiteSpe
     return tasks
 
 
-def _render_one(task: RenderTask) -> None:
+def render_one(task: RenderTask) -> None:
+    """Renders one image from its own seeds and writes it in its site's encoding."""
     findings = findings_for(task.labels, np.random.default_rng(task.findings_seed))
     subject = Subject(task.subject.sex, task.subject.age, task.subject.view, findings)
     pixels = render(subject, task.acquisition, np.random.default_rng(task.seed))
