@@ -8,6 +8,8 @@ with their own per-sample gradient function (see ``models.per_sample``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import timm
 import torch
@@ -85,12 +87,27 @@ def normalize(images: torch.Tensor) -> torch.Tensor:
 
 def predict(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
     """Probabilities (N, L) for uint8 images (N, S, S), in eval mode without gradients."""
+    out = _batched(lambda x: torch.sigmoid(model(x)), model, images, batch_size)
+    return out if len(out) else np.zeros((0, len(LABELS)), dtype=np.float32)
+
+
+def features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The pooled, normalised features the head's classifier reads (N, model.num_features)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def embed(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """``features`` (N, F) of uint8 images (N, S, S), in eval mode without gradients (for linear probes)."""
+    return _batched(lambda x: features(model, x), model, images, batch_size)
+
+
+def _batched(forward: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, images: np.ndarray,
+             batch_size: int) -> np.ndarray:
     was_training = model.training
     model.eval()
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.asarray(images[start:start + batch_size]))
-            out.append(torch.sigmoid(model(normalize(batch))).numpy())
+            out.append(forward(normalize(torch.from_numpy(np.asarray(images[start:start + batch_size])))).numpy())
     model.train(was_training)
-    return np.concatenate(out) if out else np.zeros((0, len(LABELS)), dtype=np.float32)
+    return np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)

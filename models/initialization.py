@@ -4,9 +4,9 @@
 - ``imagenet``: supervised ImageNet weights (timm tags ``fb_in1k`` for tiny/small/base, ``d*_in1k`` for the
   small sizes).
 - ``dinov3``: self-supervised DINOv3 weights (``convnext_<size>.dinov3_lvd1689m``; tiny, small, base).
-- ``domain``: a model from the pretraining stage; the train stage resolves it through the MLflow registry
-  (``models.registry``) or a folder (``domain:<path>``), checks it shares no data with the private site and
-  passes it here as ``checkpoint:<folder>``.
+- ``domain`` / ``ssl``: a model from the pretraining stage (supervised / self-supervised on the public source);
+  the train stage resolves it through the MLflow registry (``models.registry``) or a folder (``domain:<path>``,
+  ``ssl:<path>``), checks it shares no data with the private site and passes it here as ``checkpoint:<folder>``.
 - ``checkpoint:<path>``: a folder with ``model.safetensors`` + ``spec.json``, or a timm-layout ``.safetensors``.
 
 Real weights load offline from the Hugging Face cache (``HF_HUB_CACHE``) through timm's own loader, which
@@ -28,7 +28,7 @@ from torch import nn
 from models.convnext import architecture, create_model
 from models.labels import LABELS
 
-STRATEGIES = ("scratch", "imagenet", "dinov3", "domain", "checkpoint:<path>")
+STRATEGIES = ("scratch", "imagenet", "dinov3", "domain", "ssl", "checkpoint:<path>")
 PRETRAINED_TAGS = {
     "imagenet": {"atto": "d2_in1k", "femto": "d1_in1k", "pico": "d1_in1k", "nano": "d1h_in1k",
                  "tiny": "fb_in1k", "small": "fb_in1k", "base": "fb_in1k"},
@@ -72,8 +72,8 @@ def initialize(init: str, size: str, seed: int) -> Initialized:
         name = f"{architecture(size)}.{tag}"
         path = hub_weights_file(name)
         return Initialized(_from_timm_file(name, path), {"strategy": init, "source": name, "file": str(path)})
-    if init == "domain":
-        raise ValueError("the domain initialization is resolved by the train stage (registry and overlap check); "
+    if init in ("domain", "ssl"):
+        raise ValueError(f"the {init} initialization is resolved by the train stage (registry and overlap check); "
                          "here use checkpoint:<model folder>")
     if init.startswith("checkpoint:"):
         path = Path(init.removeprefix("checkpoint:"))

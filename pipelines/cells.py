@@ -21,6 +21,8 @@ if TYPE_CHECKING:   # pipelines.config imports this module for the names
 
 GRID_KNOBS = ("init", "epsilon", "model", "data_fraction", "seed")   # the train fields a grid cell varies
 TRAIN = "train"
+# The train inits that start from the pretrain stage, and the pretraining method each starts from.
+PRETRAINED_INITS = {"domain": "supervised", "ssl": "ssl"}
 
 
 def epsilon_text(epsilon: float) -> str:
@@ -52,6 +54,11 @@ def parse_cell(name: str) -> dict[str, str]:
     if len(parts) != 5 or not all(parts):
         raise ValueError(f"cell {name!r} is not <init>-<epsilon>-<model>-<fraction>-<seed> (e.g. scratch-8-atto-1.0-0)")
     return dict(zip(GRID_KNOBS, parts, strict=True))
+
+
+def pretrained_name(method: str, size: str) -> str:
+    """A pretrained model's folder under ``artifacts/pretrain`` and registry suffix: ``atto`` or ``ssl-atto``."""
+    return size if method == "supervised" else f"{method}-{size}"
 
 
 def run_name(cell: str) -> str:

@@ -55,7 +55,7 @@ from models.privacy import (
 )
 from models.weights import ModelSpec, load_model, save_model
 from pipelines.budget import DataSet, LedgerRun, check_budget, composed_epsilon, histories
-from pipelines.cells import run_name
+from pipelines.cells import PRETRAINED_INITS, pretrained_name, run_name
 from pipelines.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from pipelines.config import ConfigError, Params, Train
 from pipelines.data.datasets import ImageDataset, PatientDataset
@@ -315,9 +315,11 @@ def _training_rows(store: object, t: Train) -> tuple[np.ndarray, object]:
 
 
 def _initialize(params: Params, store: SiteStore, settings: dict[str, object]) -> Initialized:
-    """The cell's starting model; ``domain`` is the pretrain stage's (registry alias, or ``domain:<folder>``).
+    """The cell's starting model; ``domain`` and ``ssl`` come from the pretrain stage (registry alias or folder).
 
-    Weights from elsewhere (``checkpoint:``) must say what data they saw: see ``_checkpoint_provenance``.
+    ``domain`` is the supervised pretraining, ``ssl`` the self-supervised one; ``domain:<folder>`` and
+    ``ssl:<folder>`` name a pretrain output folder instead of the registry. Weights from elsewhere
+    (``checkpoint:``) must say what data they saw: see ``_checkpoint_provenance``.
     """
     t = params.train
     if t.init.startswith("checkpoint:"):
@@ -327,25 +329,27 @@ def _initialize(params: Params, store: SiteStore, settings: dict[str, object]) -
         except ValueError as error:
             raise StageError(str(error)) from error
         return Initialized(initialized.model, {**initialized.provenance, **provenance})
-    if t.init != "domain" and not t.init.startswith("domain:"):
+    strategy, _, folder = t.init.partition(":")
+    if strategy not in PRETRAINED_INITS:
         try:
             return initialize(t.init, t.model, t.seed)
         except ValueError as error:
             raise StageError(str(error)) from error
-    folder = t.init.removeprefix("domain").removeprefix(":")
     if folder:
         model, overlap = _load_pretrained(Path(folder), params, store, settings)
-        return Initialized(model, {"strategy": "domain", "source": folder, **overlap})
+        return Initialized(model, {"strategy": strategy, "source": folder, **overlap})
     from models.registry import download, get_version
 
-    name = f"{params.pretrain.registered_model}-{t.model}"
+    method = PRETRAINED_INITS[strategy]
+    name = f"{params.pretrain.registered_model}-{pretrained_name(method, t.model)}"
     try:
         registered = get_version(name, params.pretrain.alias)
     except LookupError as error:
-        raise StageError(f"{error} (dvc repro pretrain, or mlflow run . -e pretrain)") from error
+        raise StageError(f"{error} (pretrain.methods must include {method}; then dvc repro pretrain, or mlflow run . "
+                         f"-e pretrain)") from error
     with tempfile.TemporaryDirectory(prefix="dp-cxr-pretrained-") as scratch:
         model, overlap = _load_pretrained(download(registered, Path(scratch)), params, store, settings)
-    provenance = {**overlap, "strategy": "domain", "source": f"models:/{name}@{params.pretrain.alias}",
+    provenance = {**overlap, "strategy": strategy, "source": f"models:/{name}@{params.pretrain.alias}",
                   "registered_model": name, "version": registered.version, "pretrain_run_id": registered.run_id,
                   "pretrain_data_version": registered.tags.get("source_data_version", "")}
     return Initialized(model, provenance)

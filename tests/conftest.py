@@ -26,14 +26,15 @@ PACKAGES = ("pipelines", "models", "serving")
 
 def tiny(params: dict) -> None:
     """Edits raw params.yaml content to the study at a tiny scale: a few hundred 32 px images, the 0.23M-parameter
-    ``micro`` ConvNeXt, one epoch per model, the domain init (pretraining, registry, overlap check) at epsilon 8
-    and inf on half and all the data (a data-scale sweep, two candidates per epsilon for the registry's choice),
-    an audit of one cell with 200 gradient and 100 input canaries, 50 resamples."""
+    ``micro`` ConvNeXt, one epoch per model, both pretraining methods (supervised and self-supervised), the domain
+    init (pretraining, registry, overlap check) at epsilon 8 and inf on half and all the data (a data-scale sweep,
+    two candidates per epsilon for the registry's choice), an audit of one cell with 200 gradient and 100 input canaries, 50 resamples."""
     # A few hundred images cannot meet the default subgroup thresholds: relax those the tiny set misses.
     params["validate"].update(min_test_age_bin_count=0, min_prevalence=0.0, max_prevalence=1.0)
     params["base"]["image_size"] = 32
     params["prepare"]["workers"] = 1
-    params["pretrain"].update(models=["micro"], epochs=1, batch=32)
+    params["pretrain"].update(methods=["supervised", "ssl"], models=["micro"], epochs=1, batch=32)
+    params["pretrain"]["ssl"].update(epochs=1, batch=32)
     params["train"].update(model="micro", epochs=1, logical_batch=32, physical_batch=32, self_check_images=2)
     params["grid"].update(inits=["domain"], epsilons=[8, "inf"], models=["micro"], data_fractions=[0.5, 1.0])
     params["evaluate"].update(resamples=50, min_subgroup_positives=3)

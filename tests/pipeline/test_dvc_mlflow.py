@@ -29,6 +29,7 @@ def grid_cells(project):
 def test_repro_builds_every_stage_and_names_each_cell_once(tiny_project):
     root = tiny_project.root
     assert (root / "artifacts/prepare/report.json").is_file()
+    assert {p.name for p in (root / "artifacts/pretrain").iterdir()} == {"micro", "ssl-micro"}
     assert {"report.md", "report.html", "cross_site_heatmap.png", "auroc_vs_epsilon.png"} <= {
         p.name for p in (root / "artifacts/report").iterdir()}
     cells = grid_cells(tiny_project)

@@ -62,6 +62,31 @@ def test_imagenet_weights_load_offline_from_the_hub_cache(tmp_path, monkeypatch)
     torch.testing.assert_close(model.stages[0].blocks[0].mlp.fc2.bias, block.mlp.fc2.bias * block.gamma)
 
 
+def test_dinov3_weights_load_offline_in_the_layout_timm_publishes(tmp_path, monkeypatch):
+    """timm's convnext_tiny.dinov3_lvd1689m file: RGB stem, layer-scale gamma, the final norm, no classifier
+    (num_classes 0). Generated locally in that exact key layout, it loads with a fresh five-label head."""
+    torch.manual_seed(4)
+    dinov3 = timm.create_model("convnext_tiny", num_classes=0)
+    assert not any(key.startswith("head.fc") for key in dinov3.state_dict())
+    assert "head.norm.weight" in dinov3.state_dict() and "stages.0.blocks.0.gamma" in dinov3.state_dict()
+    fake_hub_cache(tmp_path, "timm/convnext_tiny.dinov3_lvd1689m", dinov3.state_dict())
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
+    loaded = initialize("dinov3", "tiny", seed=0)
+    assert loaded.provenance == {"strategy": "dinov3", "source": "convnext_tiny.dinov3_lvd1689m",
+                                 "file": str(tmp_path / "models--timm--convnext_tiny.dinov3_lvd1689m/snapshots/"
+                                             "0123456789abcdef/model.safetensors")}
+    model = loaded.model
+    torch.testing.assert_close(model.stem[0].weight, dinov3.stem[0].weight.sum(dim=1, keepdim=True))
+    torch.testing.assert_close(model.head.norm.weight, dinov3.head.norm.weight)
+    block = dinov3.stages[3].blocks[2]
+    torch.testing.assert_close(model.stages[3].blocks[2].mlp.fc2.weight, block.mlp.fc2.weight * block.gamma[:, None])
+    assert model.head.fc.weight.shape == (5, 768)
+    # Features as DINOv3 gives them: the same pooled, normalised output for a gray image replicated to RGB.
+    gray = torch.rand(2, 1, 64, 64)
+    torch.testing.assert_close(model.eval().forward_head(model.forward_features(gray), pre_logits=True),
+                               dinov3.eval()(gray.expand(-1, 3, -1, -1)), rtol=1e-4, atol=1e-4)
+
+
 def test_missing_pretrained_weights_name_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path))
     with pytest.raises(MissingWeightsError, match=r"model.safetensors of timm/convnext_tiny.dinov3_lvd1689m .*hf download"):
