@@ -18,7 +18,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipelines.cells import PRETRAINED_INITS, cell_name, epsilon_text, fraction_text
+from pipelines.cells import cell_name, epsilon_text, fraction_text
 from serving.settings import Serve
 
 # Stages run from the repository root (as DVC and MLflow Projects do), so paths in params.yaml are relative to it.
@@ -308,11 +308,6 @@ class Params(Section):
         for alias, eps in r.aliases.items():
             if eps not in self.grid.epsilons:
                 raise ValueError(f"register.aliases: {alias!r} names epsilon {eps:g}, which is not in grid.epsilons")
-        for init in self.grid.inits:
-            method = PRETRAINED_INITS.get(init)      # domain / ssl from the registry: this repro's pretrain makes it
-            if method and method not in self.pretrain.methods:
-                raise ValueError(f"grid.inits: {init!r} starts from the {method} pretraining, which "
-                                 f"pretrain.methods {self.pretrain.methods} does not make; add {method} to it")
         cells = {t.cell for t in self.grid_cells()}
         for cell in self.audit.cells:
             if cell not in cells:

@@ -214,7 +214,7 @@ def _known(meta: pd.DataFrame, attribute: str) -> np.ndarray:
 
 
 def _comparisons(cells: list[Cell], sites: list[str], curves: dict[tuple[str, str], np.ndarray]) -> list[dict]:
-    """Paired one-sided p-values on mean AUROC: non-private vs each DP model of its init; each init vs scratch."""
+    """Paired one-sided p-values on mean AUROC: non-private vs DP per init, each init vs scratch, ssl vs domain."""
     rows = []
     by_knobs = {(c.train.init, c.train.epsilon, c.train.model, c.train.data_fraction, c.train.seed): c for c in cells}
     for cell in cells:
@@ -224,6 +224,8 @@ def _comparisons(cells: list[Cell], sites: list[str], curves: dict[tuple[str, st
             references.append(("non-private better than DP", by_knobs.get((t.init, math.inf, *_rest(t))), cell))
         if t.init != "scratch":
             references.append((f"{t.init} better than scratch", cell, by_knobs.get(("scratch", t.epsilon, *_rest(t)))))
+        if t.init == "ssl":     # the study's question: self-supervised against supervised domain pretraining
+            references.append(("ssl better than domain", cell, by_knobs.get(("domain", t.epsilon, *_rest(t)))))
         for question, better, worse in references:
             if better is None or worse is None:
                 continue

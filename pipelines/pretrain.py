@@ -177,11 +177,11 @@ def _supervised(params: Params, store: SiteStore, model: nn.Module, spec: ModelS
 
 def _self_supervised(params: Params, store: SiteStore, model: nn.Module, spec: ModelSpec, out: Path, resume: bool
                      ) -> tuple[nn.Module, dict[str, float], list[dict[str, float]]]:
-    """Learns from the public train split's images alone (their metadata is never read); keeps the last epoch."""
+    """Learns from the public train split's images alone (no label is read); keeps the last epoch."""
     import mlflow
 
     s = params.pretrain.ssl
-    rows = np.flatnonzero(store.metadata["split"].to_numpy() == "train")
+    rows, _ = store.split("train")
     learner = SelfSupervised(model, s.method)
     dataset = UnlabeledViews(store.images, rows, params.base.image_size, s.min_scale)
     optimizer = torch.optim.AdamW([w for w in learner.parameters() if w.requires_grad], lr=s.lr,

@@ -62,6 +62,8 @@ def report(params: Params) -> Path:
                              _init_by_epsilon(main[main["site"] == site])))
         sections.append(("Drop from the non-private model of the same init (private test)", "drop_from_non_private",
                          _drops(main[main["site"] == private], comparisons, private)))
+        sections.append(("Initializations compared (private test, paired bootstrap, one-sided)", "init_comparisons",
+                         _init_comparisons(main, comparisons, private)))
         gaps = _fairness_gaps(fairness[fairness["site"] == private])
         sections.append(("Fairness gaps on the private test split", "fairness_gaps", gaps))
         cross = mean.pivot(index="cell", columns="site", values="value").round(3)
@@ -167,6 +169,16 @@ def _drops(rows: pd.DataFrame, comparisons: pd.DataFrame, private: str) -> pd.Da
                     "drop": round(float(reference["value"].iloc[0]) - row.value, 3),
                     "p_value": float(test["p_value"].iloc[0]) if len(test) else math.nan})
     return pd.DataFrame(out)
+
+
+def _init_comparisons(main: pd.DataFrame, comparisons: pd.DataFrame, private: str) -> pd.DataFrame:
+    """Each pair of initializations at each epsilon: mean AUROC difference and one-sided p-value."""
+    cells = set(main["cell"])
+    rows = comparisons[(comparisons["site"] == private) & (comparisons["question"] != "non-private better than DP")
+                       & comparisons["better"].isin(cells) & comparisons["worse"].isin(cells)]
+    return pd.DataFrame({"question": rows["question"], "epsilon": rows["epsilon"],
+                         "difference": rows["difference"].round(3), "p_value": rows["p_value"].round(3)}
+                        ).set_index(["question", "epsilon"])
 
 
 def _fairness_gaps(fairness: pd.DataFrame) -> pd.DataFrame:

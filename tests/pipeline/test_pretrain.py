@@ -75,16 +75,19 @@ def test_ssl_reads_no_label_and_its_model_is_refused_when_the_source_overlaps_th
     raw["data"]["sites"]["public-copy"] = {"format": "inhouse", "role": "public", "path": "data/public-copy",
                                            "options": {}}
     Path("params.yaml").write_text(yaml.safe_dump(raw))
+    own = [*TINY, "pretrain.registered_model=copy-pretrain"]      # this test's registry names alone
+    with pytest.raises(StageError, match=r"copy-pretrain-ssl-micro.* \(pretrain.methods must include ssl; then"):
+        train(load_params(Path("params.yaml"), [*own, *TRAIN, "train.init=ssl"]))
     with pytest.raises(StageError, match="no label column atelectasis: the supervised method learns its labels"):
-        pretrain(load_params(Path("params.yaml"), [*TINY, "pretrain.methods=[ssl,supervised]"]))
+        pretrain(load_params(Path("params.yaml"), [*own, "pretrain.methods=[ssl,supervised]"]))
     assert not Path("artifacts/pretrain").exists()
-    [result] = pretrain(load_params(Path("params.yaml"), [*TINY, "pretrain.methods=[ssl]"]))
+    [result] = pretrain(load_params(Path("params.yaml"), [*own, "pretrain.methods=[ssl]"]))
     assert result["method"] == "ssl" and "probe_test_mean_auroc" not in result
     n = len(meta)
     with pytest.raises(StageError, match=f"shares {n} identical images"):
-        train(load_params(Path("params.yaml"), [*TINY, *TRAIN, "train.init=ssl"]))
+        train(load_params(Path("params.yaml"), [*own, *TRAIN, "train.init=ssl"]))
     with pytest.raises(StageError, match=f"shares {n} identical images"):
-        train(load_params(Path("params.yaml"), [*TINY, *TRAIN, "train.init=ssl:artifacts/pretrain/ssl-micro"]))
+        train(load_params(Path("params.yaml"), [*own, *TRAIN, "train.init=ssl:artifacts/pretrain/ssl-micro"]))
 
 
 @pytest.mark.parametrize("method", METHODS)

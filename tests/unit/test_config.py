@@ -88,12 +88,8 @@ def test_the_config_is_frozen():
         params.train.epsilon = 3.0
 
 
-def test_a_pretrained_init_in_the_grid_needs_its_pretraining_method():
-    with pytest.raises(ConfigError, match=r"grid\.inits: 'ssl' starts from the ssl pretraining, which pretrain\.methods "
-                                          r"\['supervised'\] does not make; add ssl to it$"):
-        load_params(REPO_PARAMS, ["grid.inits=[scratch, ssl, domain]"])
-    with pytest.raises(ConfigError, match=r"grid\.inits: 'domain' starts from the supervised pretraining"):
-        load_params(REPO_PARAMS, ["pretrain.methods=[ssl]"])
+
+def test_each_pretraining_method_once():
     with pytest.raises(ConfigError, match=r"^pretrain\.methods: each method once"):
         load_params(REPO_PARAMS, ["pretrain.methods=[ssl, ssl, supervised]"])
     both = load_params(REPO_PARAMS, ["grid.inits=[scratch, ssl, domain]", "pretrain.methods=[supervised, ssl]"])

@@ -1,5 +1,7 @@
 """Evaluation metrics against the reference implementations: sklearn for AUROC, fairlearn for the fairness gaps."""
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -135,3 +137,26 @@ def test_small_subgroups_are_flagged():
     flags = rows[rows["attribute"] == "age"].set_index("group")["flagged"]
     assert flags["[0,30)"] and not flags["[60,70)"]
     assert rows[(rows["attribute"] == "age") & (rows["group"] == "[0,30)")]["min_positives"].iloc[0] == 3
+
+
+def test_init_comparisons_pair_each_init_with_scratch_and_ssl_with_domain():
+    from pathlib import Path
+
+    from pipelines.cells import Cell
+    from pipelines.config import load_params
+    from pipelines.evaluate import _comparisons
+
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml",
+                         ["grid.inits=[scratch, domain, ssl]", "grid.epsilons=[1, 8, inf]",
+                          "pretrain.methods=[supervised, ssl]"])
+    cells = [Cell(t.cell, Path(t.cell), t, {}) for t in params.grid_cells()]
+    rng = np.random.default_rng(0)
+    curves = {(c.name, "site"): rng.uniform(0.6, 0.7, 200) for c in cells}
+    curves["ssl-8-atto-1.0-0", "site"] = curves["domain-8-atto-1.0-0", "site"] + 0.01    # better in every resample
+    rows = {(r["question"], r["epsilon"]): r for r in _comparisons(cells, ["site"], curves)}
+    assert set(rows) == {(q, e) for e in (1, 8, math.inf) for q in ("domain better than scratch", "ssl better than scratch",
+                                                                 "ssl better than domain")} | {
+        ("non-private better than DP", 1), ("non-private better than DP", 8)}
+    assert rows["ssl better than domain", 8]["p_value"] == 0 and rows["ssl better than domain", 8]["difference"] == (
+        pytest.approx(0.01))
+    assert rows["ssl better than domain", 8]["worse"] == "domain-8-atto-1.0-0"
