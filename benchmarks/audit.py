@@ -12,17 +12,13 @@ per-round audit/train time ratios. Target (issue 14): at most 1.3x.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from workspace import synthetic_workspace
 
 
 def main() -> None:
@@ -37,20 +33,12 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="dp-cxr-bench-audit-") as scratch:
         root = Path(scratch)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-        os.chdir(root)
+        synthetic_workspace(root, seed=3, scale=args.scale)
         from pipelines.audit import audit
         from pipelines.config import load_params
-        from pipelines.data.synthetic.cohort import SITES
-        from pipelines.data.synthetic.generate import generate
         from pipelines.prepare import prepare
         from pipelines.train import train
 
-        sites = tuple(site for site in SITES if site.role in ("private", "public"))
-        generate(root / "data", seed=3, scale=args.scale, workers=2, sites=sites)
-        raw = yaml.safe_load((REPO / "params.yaml").read_text())
-        raw["data"]["sites"] = {site.name: raw["data"]["sites"][site.name] for site in sites}
-        (root / "params.yaml").write_text(yaml.safe_dump(raw))
         overrides = ["base.image_size=64", "train.init=scratch", "train.epsilon=8", f"train.model={args.model}",
                      f"train.epochs={args.epochs}", f"audit.canaries={args.canaries}",
                      f"audit.input_canaries={args.input_canaries}",

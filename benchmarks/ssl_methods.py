@@ -12,16 +12,12 @@ supervised pretraining's probe is printed beside them. Labels are used by the pr
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from workspace import synthetic_workspace
 
 
 def main() -> None:
@@ -34,19 +30,11 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="dp-cxr-bench-ssl-") as scratch:
         root = Path(scratch)
-        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-        os.chdir(root)
+        synthetic_workspace(root, seed=0, scale=args.scale)
         from pipelines.config import load_params
-        from pipelines.data.synthetic.cohort import SITES
-        from pipelines.data.synthetic.generate import generate
         from pipelines.prepare import prepare
         from pipelines.pretrain import pretrain
 
-        sites = tuple(site for site in SITES if site.role in ("private", "public"))
-        generate(root / "data", seed=0, scale=args.scale, workers=2, sites=sites)
-        raw = yaml.safe_load((REPO / "params.yaml").read_text())
-        raw["data"]["sites"] = {site.name: raw["data"]["sites"][site.name] for site in sites}
-        (root / "params.yaml").write_text(yaml.safe_dump(raw))
         common = ["base.image_size=64", f"pretrain.models=[{args.model}]"]
         prepare(load_params(Path("params.yaml"), common))
         rows, first = [], None
