@@ -172,7 +172,7 @@ def _drops(rows: pd.DataFrame, comparisons: pd.DataFrame, private: str) -> pd.Da
 
 
 def _init_comparisons(main: pd.DataFrame, comparisons: pd.DataFrame, private: str) -> pd.DataFrame:
-    """Each pair of initializations at each epsilon: mean AUROC difference and one-sided p-value."""
+    """Each init against scratch, and ssl against domain, at each epsilon: mean AUROC difference and p-value."""
     cells = set(main["cell"])
     rows = comparisons[(comparisons["site"] == private) & (comparisons["question"] != "non-private better than DP")
                        & comparisons["better"].isin(cells) & comparisons["worse"].isin(cells)]

@@ -22,6 +22,7 @@ from pipelines.data.source import source_manifest
 from pipelines.data.store import open_site
 from pipelines.metrics import mean_auroc
 from pipelines.tracking import flatten
+from pipelines.train import main as train_command
 from pipelines.train import train
 from tests.conftest import PRIVATE
 
@@ -152,6 +153,7 @@ import os, signal, sys
 from pathlib import Path
 import models.privacy as privacy
 from pipelines.config import load_params
+from pipelines.train import main as train_command
 from pipelines.train import train
 
 calls = {"n": 0}
@@ -167,7 +169,7 @@ train(load_params(Path("params.yaml"), sys.argv[2:]))
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_and_counts_every_executed_step(workspace, tmp_path, monkeypatch):
+def test_killed_run_resumes_and_counts_every_executed_step(workspace, tmp_path, monkeypatch, capsys):
     """Also the data set's budget ledger: three runs (one killed, one resumed) compose to its total, which deleting
     artifacts/ does not reset, and a run the budget cannot pay for is refused before it writes anything."""
     from models.privacy import StepLedger
@@ -186,10 +188,9 @@ def test_killed_run_resumes_and_counts_every_executed_step(workspace, tmp_path, 
     assert sum(1 for _ in (out / "ledger.jsonl").open()) == kill_at
     assert json.loads((out / "checkpoint" / "state.json").read_text())["epoch"] == 1
 
-    changed = subprocess.run([sys.executable, "-m", "pipelines.train", "--resume",
-                              *[a for o in [*overrides, "train.max_grad_norm=2.0"] for a in ("-P", o)]],
-                             capture_output=True, text=True)
-    assert changed.returncode == 2 and changed.stderr.strip().splitlines() == [
+    with pytest.raises(SystemExit) as changed:      # the command line, in this process
+        train_command(["--resume", *[a for o in [*overrides, "train.max_grad_norm=2.0"] for a in ("-P", o)]])
+    assert changed.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1:] == [
         f"train: error: cannot resume {out.name}: max_grad_norm was 1.0 in the checkpointed run and is 2.0 now (a "
         f"guarantee covers one configuration); run without --resume"]
     for change, refusal in [("train.epochs=4", "epochs was 3"), ("train.data_fraction=0.5", "nothing to resume"),
