@@ -35,7 +35,8 @@ $(STAMP): requirements.lock pyproject.toml
 data: setup
 	$(PY) -m pipelines.data.synthetic --out data \
 		--seed $$($(PY) -c "import yaml;print(yaml.safe_load(open('params.yaml'))['data']['synthetic']['seed'])") \
-		--scale $$($(PY) -c "import yaml;print(yaml.safe_load(open('params.yaml'))['data']['synthetic']['scale'])")
+		--scale $$($(PY) -c "import yaml;print(yaml.safe_load(open('params.yaml'))['data']['synthetic']['scale'])") \
+		--public-scale $$($(PY) -c "import yaml;print(yaml.safe_load(open('params.yaml'))['data']['synthetic']['public_scale'])")
 	$(VENV)/bin/dvc commit --force data.dvc --quiet
 	@# DVC's file listing of data.dvc, which tests/data/test_data_version.py checks a sample of images against.
 	$(PY) -c "import gzip, yaml, pathlib; h = yaml.safe_load(open('data.dvc'))['outs'][0]['md5']; \

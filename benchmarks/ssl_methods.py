@@ -6,7 +6,7 @@ prints each one's linear-probe mean AUROC on the public test split, its gain ove
 of the same size (paired bootstrap CI and one-sided p) and its wall time relative to the first method's. The
 supervised pretraining's probe is printed beside them. Labels are used by the probe only, never by SSL.
 
-    .venv/bin/python benchmarks/ssl_methods.py [--model atto] [--epochs 8] [--scale 1.0]
+    .venv/bin/python benchmarks/ssl_methods.py [--model atto] [--epochs 8] [--scale 1.0] [--public-scale 1.0]
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ def main() -> None:
     parser.add_argument("--model", default="atto")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--scale", type=float, default=1.0, help="synthetic data scale (1: the demo's size)")
+    parser.add_argument("--public-scale", type=float, default=1.0, help="multiplies the public source's size")
     parser.add_argument("--methods", default="simclr,vicreg,byol")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="dp-cxr-bench-ssl-") as scratch:
         root = Path(scratch)
-        synthetic_workspace(root, seed=0, scale=args.scale)
+        synthetic_workspace(root, seed=0, scale=args.scale, public_scale=args.public_scale)
         from pipelines.config import load_params
         from pipelines.prepare import prepare
         from pipelines.pretrain import pretrain
@@ -48,8 +49,8 @@ def main() -> None:
             first = first or elapsed
             rows.append((name, result, elapsed / first))
             print(f"{name}: probe {result['probe_test_mean_auroc']:.4f}, {elapsed:.0f} s", file=sys.stderr)
-        print(f"linear probe on the public test split ({args.model}, 64 px, {args.epochs} epochs, scale {args.scale}; "
-              f"random init {rows[0][1]['probe_random_init_test_mean_auroc']:.4f}):")
+        print(f"linear probe on the public test split ({args.model}, 64 px, {args.epochs} epochs, scale {args.scale}, "
+              f"public scale {args.public_scale}; random init {rows[0][1]['probe_random_init_test_mean_auroc']:.4f}):")
         print(f"{'method':<11} {'probe AUROC':>11} {'gain':>7} {'95% CI':>17} {'p':>7} {'time':>6}")
         for name, r, ratio in rows:
             print(f"{name:<11} {r['probe_test_mean_auroc']:>11.4f} {r['probe_gain']:>+7.4f} "

@@ -12,13 +12,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def synthetic_workspace(root: Path, seed: int, scale: float) -> None:
+def synthetic_workspace(root: Path, seed: int, scale: float, public_scale: float = 1.0) -> None:
     """Makes ``root`` the working directory of a project with its own MLflow store and the two sites generated.
 
     Args:
         root: an empty temporary folder.
         seed: the synthetic data's seed.
         scale: its size (1: the demo's).
+        public_scale: multiplies the public source's size on top of ``scale``.
     """
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.chdir(root)
@@ -26,7 +27,7 @@ def synthetic_workspace(root: Path, seed: int, scale: float) -> None:
     from pipelines.data.synthetic.generate import generate
 
     sites = tuple(site for site in SITES if site.role in ("private", "public"))
-    generate(root / "data", seed=seed, scale=scale, workers=2, sites=sites)
+    generate(root / "data", seed=seed, scale=scale, workers=2, sites=sites, public_scale=public_scale)
     raw = yaml.safe_load((REPO / "params.yaml").read_text())
     raw["data"]["sites"] = {site.name: raw["data"]["sites"][site.name] for site in sites}
     (root / "params.yaml").write_text(yaml.safe_dump(raw))

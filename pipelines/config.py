@@ -75,6 +75,7 @@ class Synthetic(Section):
 
     seed: int
     scale: Number = Field(gt=0)
+    public_scale: Number = Field(gt=0)
 
 
 class Site(Section):

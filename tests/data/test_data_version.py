@@ -52,7 +52,8 @@ def test_committed_data_dvc_matches_the_generated_default(tmp_path):
     listing = committed_listing()
     params = load_params(REPO / "params.yaml")
     out = tmp_path / "data"
-    tasks = write_metadata(out, params.data.synthetic.seed, params.data.synthetic.scale, SITES)
+    synthetic = params.data.synthetic
+    tasks = write_metadata(out, synthetic.seed, synthetic.scale, SITES, synthetic.public_scale)
     images = {str(task.path.relative_to(out)): task for task in tasks}
     metadata = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert sorted(metadata | set(images)) == sorted(listing), "the generator changed: run `make data` and commit"

@@ -34,6 +34,21 @@ def test_same_seed_gives_identical_files_whatever_the_workers(tmp_path):
     assert not (tmp_path / ".one.partial").exists()
 
 
+def test_public_scale_grows_the_public_source_alone(tmp_path):
+    from pipelines.data.synthetic.generate import write_metadata
+
+    def images(public_scale):
+        tasks = write_metadata(tmp_path / str(public_scale), 7, 0.05, SITES, public_scale)
+        return {site.name: sorted(str(t.path.relative_to(tmp_path / str(public_scale))) for t in tasks
+                                  if t.path.relative_to(tmp_path / str(public_scale)).parts[0] == site.name)
+                for site in SITES}
+
+    once, thrice = images(1.0), images(3.0)
+    public = next(site.name for site in SITES if site.role == "public")
+    assert 2.5 < len(thrice[public]) / len(once[public]) < 3.5
+    assert {k: v for k, v in thrice.items() if k != public} == {k: v for k, v in once.items() if k != public}
+
+
 def test_every_site_is_named_synthetic_and_read_by_its_real_adapter(tiny_data):
     params = load_params(REPO_PARAMS)
     assert {s.name for s in SITES} == set(params.data.sites)

@@ -52,7 +52,7 @@ class RenderTask:
 
 
 def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2,
-             sites: tuple[SiteSpec, ...] = SITES) -> int:
+             sites: tuple[SiteSpec, ...] = SITES, public_scale: float = 1.0) -> int:
     """Writes every site under ``out``, replacing what was there only once everything is written.
 
     Args:
@@ -61,12 +61,14 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2,
         scale: multiplies each site's number of patients.
         workers: rendering processes.
         sites: the sites to write.
+        public_scale: multiplies the public source's patients on top of ``scale`` (unlabeled public images are
+            cheap, and self-supervised pretraining gains from more of them).
 
     Returns:
         The number of images written.
     """
     with atomic_folder(out) as partial:
-        tasks = write_metadata(partial, seed, scale, sites)
+        tasks = write_metadata(partial, seed, scale, sites, public_scale)
         started = time.perf_counter()
         with multiprocessing.get_context("fork").Pool(workers) as pool:
             for _ in tqdm(pool.imap_unordered(render_one, tasks, chunksize=16), total=len(tasks),
@@ -78,7 +80,8 @@ def generate(out: Path, seed: int = 0, scale: float = 1.0, workers: int = 2,
     return len(tasks)
 
 
-def write_metadata(partial: Path, seed: int, scale: float, sites: tuple[SiteSpec, ...]) -> list[RenderTask]:
+def write_metadata(partial: Path, seed: int, scale: float, sites: tuple[SiteSpec, ...],
+                   public_scale: float = 1.0) -> list[RenderTask]:
     """Samples every site's cohort, writes its native metadata files and lists the images to render.
 
     Args:
@@ -86,6 +89,7 @@ def write_metadata(partial: Path, seed: int, scale: float, sites: tuple[SiteSpec
         seed: the data set's seed.
         scale: multiplies each site's number of patients.
         sites: the sites to write.
+        public_scale: multiplies the public source's patients on top of ``scale``.
 
     Returns:
         One task per image; each renders alone (``render_one``), whatever else is rendered.
@@ -93,7 +97,7 @@ def write_metadata(partial: Path, seed: int, scale: float, sites: tuple[SiteSpec
     tasks: list[RenderTask] = []
     for site_index, spec in enumerate(sites):
         rng = np.random.default_rng([seed, site_index])
-        cohort = sample_cohort(spec, scale, rng)
+        cohort = sample_cohort(spec, scale * (public_scale if spec.role == "public" else 1.0), rng)
         files = WRITERS[spec.format](cohort, partial / spec.name, rng)
         for index, (file, row) in enumerate(zip(files, cohort.to_dict("records"), strict=True)):
             labels = {k: int(row[f"true_{k}"]) for k in FINDINGS}
@@ -162,13 +166,15 @@ def _write_dicom(path: Path, pixels: np.ndarray, tags: dict[str, str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m pipelines.data.synthetic [--out data] [--seed 0] [--scale 1] [--workers 2]``."""
+    """``python -m pipelines.data.synthetic [--out data] [--seed 0] [--scale 1] [--public-scale 1] [--workers 2]``."""
     parser = argparse.ArgumentParser(description="Generate the synthetic multi-site chest X-ray data set.")
     parser.add_argument("--out", type=Path, default=Path("data"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", type=float, default=1.0, help="multiplies the number of patients per site")
+    parser.add_argument("--public-scale", type=float, default=1.0,
+                        help="multiplies the public source's patients on top of --scale")
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
-    if args.scale <= 0:
-        parser.error("--scale must be positive")
-    generate(args.out, seed=args.seed, scale=args.scale, workers=args.workers)
+    if args.scale <= 0 or args.public_scale <= 0:
+        parser.error("--scale and --public-scale must be positive")
+    generate(args.out, seed=args.seed, scale=args.scale, workers=args.workers, public_scale=args.public_scale)
