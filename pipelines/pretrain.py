@@ -92,11 +92,11 @@ def _pretrain_one(params: Params, store: SiteStore, site: str, method: str, size
     if not resume:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
-    origin = init_origin(params)
+    origin, version_of_data = init_origin(params), data_version()
     initialized = initialize(p.init, size, params.base.seed)
     spec = ModelSpec(size=size, image_size=params.base.image_size,
                      init={**initialized.provenance, "pretrained_on": site, "pretrain_method": method,
-                           "pretrain_data_version": data_version()})
+                           "pretrain_data_version": version_of_data})
     # The run opens before the first step, so every epoch can be watched and a failed run leaves its record.
     with stage_run(STAGE):
         mlflow.set_tags({"dp_cxr.pretrain_size": size, "pretrain_method": method, "source_site": site,
@@ -108,9 +108,9 @@ def _pretrain_one(params: Params, store: SiteStore, site: str, method: str, size
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         (out / "history.json").write_text(json.dumps(history, indent=2))
         (out / SOURCE).write_text(json.dumps(source_manifest(store, site, params.data.sites[site].format,
-                                                             data_version(), init=origin)))
+                                                             version_of_data, init=origin)))
         mlflow.log_metrics(metrics)
-        tags = {"source_site": site, "source_data_version": data_version(), "pretrain_method": method,
+        tags = {"source_site": site, "source_data_version": version_of_data, "pretrain_method": method,
                 "base_init": spec.init.get("strategy", p.init), "model_size": size, "image_size": spec.image_size,
                 "epochs": p.ssl.epochs if method == "ssl" else p.epochs, "privacy": "none (public data, non-private)",
                 **({"ssl_method": p.ssl.method} if method == "ssl" else {}),
