@@ -20,7 +20,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # dvc.yaml and MLproject call `python`: make it this environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup data demo serve test check lint bench clean
+.PHONY: setup data demo serve test browser check lint bench clean
 
 setup: $(STAMP)
 
@@ -59,9 +59,15 @@ serve: setup
 	$(PY) -m serving.launch --port 3000
 
 # Two workers: the tests sharing the tiny study (xdist group tiny_project) run on one, everything else on the other.
-test: setup
+test: setup browser
 	$(VENV)/bin/ruff check pipelines models serving tests benchmarks
 	$(PY) -m pytest -n 2 --dist loadgroup
+
+# Debian's headless Chromium, in which a test opens the report: installed when missing (needs root, as in CI).
+browser:
+	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && apt-get update -qq \
+	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || { echo "make: the report test needs Chromium: run apt-get install chromium as root"; exit 1; }
 
 # The fast loop while changing code: everything not marked slow (unit, data, privacy and single-stage tests).
 check: setup
