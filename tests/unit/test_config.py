@@ -79,7 +79,7 @@ def test_grid_values_must_be_spelled_as_they_name_the_cells():
     with pytest.raises(ConfigError, match=r"^grid\.data_fractions: write 1 as 1\.0"):
         load_params(REPO_PARAMS, ["grid.data_fractions=[0.5, 1]"])
     cells = [t.cell for t in load_params(REPO_PARAMS, ["grid.data_fractions=[0.25, 1.0]"]).grid_cells()]
-    assert "domain-inf-atto-0.25-0" in cells and "scratch-1-atto-1.0-0" in cells and len(cells) == len(set(cells)) == 12
+    assert "domain-inf-atto-0.25-0" in cells and "scratch-1-atto-1.0-0" in cells and len(cells) == len(set(cells)) == 18
 
 
 def test_the_config_is_frozen():
