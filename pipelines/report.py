@@ -121,10 +121,10 @@ def report(params: Params) -> Path:
         for table in tables:
             table.frame.to_csv(out / f"{table.stem}.csv", index=False)
         tables = [table for table in tables if len(table.frame)]   # e.g. no init to compare: no table, no number
-        intro = _introduction(params, prepared, on_private, records, _data_set_epsilon(records))
+        data_set_epsilon = _data_set_epsilon(records)
+        intro = _introduction(params, prepared, on_private, records, data_set_epsilon)
         threshold = str(results["threshold"].iloc[0])
-        (out / RESULTS_TABLE).write_text(_results_table(on_private, compared, private, records,
-                                                        _data_set_epsilon(records)))
+        (out / RESULTS_TABLE).write_text(_results_table(on_private, compared, private, records, data_set_epsilon))
         (out / "report.md").write_text(_markdown(intro, threshold, tables, figures))
         (out / "report.html").write_text(_html(intro, threshold, tables, figures))
     path = artifacts / STAGE / "report.md"
