@@ -138,6 +138,7 @@ class Validate(Section):
     min_prevalence: Number
     max_prevalence: Number
     min_test_age_bin_count: int
+    max_dropped_fraction: Share
 
 
 class SelfSupervisedPretrain(Section):

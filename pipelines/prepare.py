@@ -1,12 +1,16 @@
 """The prepare stage: native data sets -> harmonised metadata + a preprocessed uint8 image store per site.
 
-For every configured site: read the native files with its adapter, keep frontal views, apply the label
-policy, assign splits (patient-level for the private site; the data set's own for the public source;
-everything ``test`` for external sites), then decode and preprocess every image on all workers into
-``<artifacts>/prepare/<site>/images.npy`` with ``metadata.csv`` and ``signatures.npy`` (each image's
-near-duplicate signature, for the overlap check between the pretraining source and the private site).
-Unreadable images are skipped and listed in ``report.json``; too many of them fail the stage. Outputs appear
-only when every site is done.
+For every configured site: read the native files with its adapter, keep frontal views, drop the rows nobody
+assessed (an adapter's exclusions such as PadChest's non-assessable images, and rows without a single label,
+which the label policy would otherwise turn into rows of negatives), apply the label policy, assign splits
+(patient-level for the private site; the data set's own for the public source; everything ``test`` for external
+sites), then decode and preprocess every image on all workers into ``<artifacts>/prepare/<site>/images.npy``
+with ``metadata.csv`` and ``signatures.npy`` (each image's near-duplicate signature, for the overlap check
+between the pretraining source and the private site). Unreadable images are skipped and listed in
+``report.json``; too many of them fail the stage. ``report.json`` counts, per site, the rows dropped and why
+(``dropped``: ``non_frontal``, ``non_assessable``, ``unlabelled``, ``unreadable``), the kept rows whose labels the
+policy filled (``labels_filled``: ``not_mentioned``, ``uncertain``) and the kept rows missing sex or age
+(``missing``; the validate gate bounds their share). Outputs appear only when every site is done.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from models.preprocessing import ImageDecodeError, decode_file, preprocess
 from pipelines.atomic import atomic_folder
 from pipelines.config import Params, Site
 from pipelines.data.adapters import read_manifest
-from pipelines.data.schema import FRONTAL_VIEWS, apply_label_policy
+from pipelines.data.schema import EXCLUSIONS, FRONTAL_VIEWS, LABELS, apply_label_policy
 from pipelines.data.source import SIGNATURE_SIZE, signature
 from pipelines.data.splits import patient_splits
 from pipelines.data.store import IMAGES, METADATA, SIGNATURES
@@ -57,10 +61,11 @@ def prepare(params: Params) -> dict[str, object]:
         # Read every site's metadata before decoding any image, so a wrong path or file fails at once.
         manifests = {name: _harmonise(name, site, params) for name, site in params.data.sites.items()}
         with _workers(params.prepare.workers) as pool:
-            for name, (manifest, listed) in manifests.items():
+            for name, (manifest, counts) in manifests.items():
                 site = params.data.sites[name]
-                report["sites"][name] = {"role": site.role, "format": site.format, "listed": listed,
-                                         **_write_store(name, manifest, params, partial / name, pool)}
+                stored = _write_store(name, manifest, params, partial / name, pool)
+                counts["dropped"]["unreadable"] = stored["bad"]
+                report["sites"][name] = {"role": site.role, "format": site.format, **counts, **stored}
         total = sum(s["images"] for s in report["sites"].values())
         elapsed = time.perf_counter() - started
         report["images"] = total
@@ -73,16 +78,30 @@ def prepare(params: Params) -> dict[str, object]:
     return report
 
 
-def _harmonise(name: str, site: Site, params: Params) -> tuple[pd.DataFrame, int]:
-    """The site's manifest with the view filter, label policy and splits applied, and its listed size."""
+def _harmonise(name: str, site: Site, params: Params) -> tuple[pd.DataFrame, dict[str, object]]:
+    """The site's manifest with its unusable rows dropped, the label policy and splits applied, and its counts."""
     manifest = read_manifest(site.format, Path(site.path), name, **site.options)
     listed = len(manifest)
+    dropped: dict[str, int] = {}
+
+    def drop(reason: str, rows: pd.Series) -> pd.DataFrame:
+        dropped[reason] = int(rows.sum())
+        return manifest[~rows.to_numpy()].reset_index(drop=True)
+
     if params.data.frontal_only:
-        manifest = manifest[manifest["view"].isin(FRONTAL_VIEWS)].reset_index(drop=True)
-    manifest = apply_label_policy(manifest, params.data.uncertain, params.data.not_mentioned)
+        manifest = drop("non_frontal", ~manifest["view"].isin(FRONTAL_VIEWS))
+    frontal = len(manifest)
+    for reason in sorted(EXCLUSIONS):
+        manifest = drop(reason.replace("-", "_"), manifest["excluded"].eq(reason).fillna(False).astype(bool))
+    manifest = drop("unlabelled", manifest[list(LABELS)].isna().all(axis=1))
+    labels = manifest[list(LABELS)]
+    counts = {"listed": listed, "frontal": frontal, "dropped": dropped,
+              "labels_filled": {"not_mentioned": int(labels.isna().any(axis=1).sum()),
+                                "uncertain": int(labels.eq(-1).any(axis=1).sum())}}
+    manifest = apply_label_policy(manifest, params.data.uncertain, params.data.not_mentioned).drop(columns="excluded")
     manifest["source_split"] = manifest["split"]
     manifest["split"] = _splits(manifest, site, params)
-    return manifest, listed
+    return manifest, counts
 
 
 def _write_store(name: str, manifest: pd.DataFrame, params: Params, folder: Path,
@@ -122,9 +141,10 @@ def _write_store(name: str, manifest: pd.DataFrame, params: Params, folder: Path
     metadata["content_hash"] = hashes
     metadata.to_csv(folder / METADATA, index=False)
     return {
-        "frontal": len(manifest), "images": len(kept), "bad": len(bad), "bad_images": bad,
+        "images": len(kept), "bad": len(bad), "bad_images": bad,
         "splits": {k: int(v) for k, v in metadata["split"].value_counts().sort_index().items()},
         "patients": int(metadata["patient_id"].nunique()),
+        "missing": {"sex": int(metadata["sex"].isna().sum()), "age": int(metadata["age"].isna().sum())},
     }
 
 
@@ -191,6 +211,9 @@ def _log(params: Params, report: dict[str, object]) -> None:
             metrics[f"{name}.images"] = site["images"]
             metrics[f"{name}.bad"] = site["bad"]
             metrics.update({f"{name}.{split}": n for split, n in site["splits"].items()})
+            metrics.update({f"{name}.dropped.{reason}": n for reason, n in site["dropped"].items()})
+            metrics.update({f"{name}.labels_filled.{kind}": n for kind, n in site["labels_filled"].items()})
+            metrics.update({f"{name}.missing.{column}": n for column, n in site["missing"].items()})
         mlflow.log_metrics(metrics)
 
 

@@ -62,11 +62,13 @@ def validate(params: Params, data_docs: bool = True) -> dict[str, object]:
     """
     prepared = Path(params.base.artifacts) / "prepare"
     frames = {name: _read(prepared / name / METADATA) for name in params.data.sites}
+    dropped = _dropped_fractions(prepared / "report.json")
     public_hashes = set().union(*[set(frames[n]["content_hash"].dropna()) for n, s in params.data.sites.items()
                                   if s.role == "public" and "content_hash" in frames[n]])
     out = Path(params.base.artifacts) / STAGE
     with atomic_folder(out) as partial:
-        summary, gx_results = _run_suites(params, frames, public_hashes, partial / "data_docs" if data_docs else None)
+        summary, gx_results = _run_suites(params, frames, public_hashes, dropped,
+                                          partial / "data_docs" if data_docs else None)
         (partial / "summary.json").write_text(json.dumps(summary, indent=2))
         (partial / "results.json").write_text(json.dumps(gx_results, indent=2, default=str))
     _print_table(summary)
@@ -84,19 +86,32 @@ def _read(path: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={c: "string" for c in ID_COLUMNS if c in header})
 
 
-def derive(frame: pd.DataFrame, private: bool, public_hashes: set[str]) -> pd.DataFrame:
+def _dropped_fractions(report: Path) -> dict[str, float]:
+    """Per site, the share of its frontal rows that prepare dropped as non-assessable, unlabelled or unreadable."""
+    if not report.is_file():
+        return {}
+    sites = json.loads(report.read_text())["sites"]
+    return {name: sum(v for k, v in site.get("dropped", {}).items() if k != "non_frontal") / max(site["frontal"], 1)
+            for name, site in sites.items() if "dropped" in site}
+
+
+def derive(frame: pd.DataFrame, private: bool, public_hashes: set[str],
+           dropped_fraction: float | None = None) -> pd.DataFrame:
     """Adds the columns the suite checks that are not in the metadata itself.
 
     Args:
         frame: a site's metadata.
         private: whether this is the private site (split integrity and overlap columns).
         public_hashes: content hashes of the public pretraining source.
+        dropped_fraction: the share of the site's frontal rows prepare dropped (its report), if known.
 
     Returns:
-        A copy with ``is_female`` (1/0, null unless F or M), one 0/1 column per age bin, and for the private
-        site ``splits_per_patient`` and ``in_public_source``.
+        A copy with ``is_female`` (1/0, null unless F or M), one 0/1 column per age bin, for the private site
+        ``splits_per_patient`` and ``in_public_source``, and ``prepare_dropped_fraction`` (the same on every row).
     """
     out = frame.copy()
+    if dropped_fraction is not None:
+        out["prepare_dropped_fraction"] = dropped_fraction
     if "sex" in out:
         out["is_female"] = out["sex"].map({"F": 1.0, "M": 0.0}).astype("float64")
     if "age" in out:
@@ -149,6 +164,8 @@ def build_suite(site: str, frame: pd.DataFrame, private: bool, params: Params) -
     for column in ("patient_id", "image_id"):
         add("ids.not_null", gxe.ExpectColumnValuesToNotBeNull, column=column)
     add("ids.image_unique", gxe.ExpectColumnValuesToBeUnique, column="image_id")
+    add("rows.dropped_share", gxe.ExpectColumnMaxToBeBetween, column="prepare_dropped_fraction",
+        max_value=v.max_dropped_fraction)
     if {"patient_id", "image_id"} <= present:
         add("ids.patient_image_unique", gxe.ExpectCompoundColumnsToBeUnique, column_list=["patient_id", "image_id"])
     for label in LABELS:
@@ -171,8 +188,8 @@ def build_suite(site: str, frame: pd.DataFrame, private: bool, params: Params) -
     return items
 
 
-def _run_suites(params: Params, frames: dict[str, pd.DataFrame], public_hashes: set[str], docs: Path | None
-                ) -> tuple[dict[str, object], dict[str, object]]:
+def _run_suites(params: Params, frames: dict[str, pd.DataFrame], public_hashes: set[str],
+                dropped: dict[str, float], docs: Path | None) -> tuple[dict[str, object], dict[str, object]]:
     with _gx_temp_folder():
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -192,7 +209,7 @@ def _run_suites(params: Params, frames: dict[str, pd.DataFrame], public_hashes: 
         gx_results: dict[str, object] = {}
         for name, frame in frames.items():
             private = params.data.sites[name].role == "private"
-            data = derive(frame, private, public_hashes)
+            data = derive(frame, private, public_hashes, dropped.get(name))
             suite = context.suites.add(gx.ExpectationSuite(name=f"{name}.demographics",
                                                            expectations=build_suite(name, data, private, params)))
             batch = source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe("whole")

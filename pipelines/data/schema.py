@@ -9,6 +9,8 @@ A manifest is a pandas DataFrame with exactly ``MANIFEST_COLUMNS``:
   use pandas' ``string`` dtype, so their null is ``pd.NA``.
 - ``split``: the data set's own split where it defines one (``train``, ``val``, ``test``), else null.
 - one column per label in ``LABELS``: 1 positive, 0 negative, -1 uncertain, null not mentioned.
+- ``excluded``: why a listed row cannot be used (``EXCLUSIONS``), else null; prepare drops and counts these rows.
+  An adapter that never excludes a row may leave the column out.
 """
 
 from __future__ import annotations
@@ -22,8 +24,11 @@ import pandas as pd
 from models.labels import LABELS
 
 MANIFEST_COLUMNS: tuple[str, ...] = (
-    "image_id", "patient_id", "study_id", "site", "path", "view", "sex", "age", "split", *LABELS,
+    "image_id", "patient_id", "study_id", "site", "path", "view", "sex", "age", "split", *LABELS, "excluded",
 )
+# Why an adapter excludes a listed row. Non-assessable: the readers marked the image as not reportable (PadChest's
+# "exclude", "suboptimal study", or "unchanged" alone): no finding was assessed, so none may become a negative.
+EXCLUSIONS = frozenset({"non-assessable"})
 FRONTAL_VIEWS = frozenset({"PA", "AP"})
 VIEWS = frozenset({"PA", "AP", "LATERAL", "OTHER"})
 SPLITS = frozenset({"train", "val", "test"})
@@ -51,9 +56,15 @@ def parse_sex(value: object) -> str | None:
     return {"F": "F", "FEMALE": "F", "M": "M", "MALE": "M"}.get(token)
 
 
-def valid_age(age: float | None) -> float | None:
-    """Returns the age when it is plausible (0 < age <= 110), else None: 0 is a missing-value code."""
-    if age is None or not math.isfinite(age) or age <= 0 or age > MAX_PLAUSIBLE_AGE:
+def valid_age(age: float | None, zero_is_missing: bool = True) -> float | None:
+    """Returns the age when it is plausible (0 < age <= 110), else None.
+
+    Args:
+        age: years.
+        zero_is_missing: 0 is a missing-value code (CheXpert, ChestX-ray14, the in-house schema); False where
+            0 is a real age computed from dates (PadChest's infants born in the study year).
+    """
+    if age is None or not math.isfinite(age) or age < 0 or age > MAX_PLAUSIBLE_AGE or (age == 0 and zero_is_missing):
         return None
     return float(age)
 
@@ -98,11 +109,14 @@ def finalize_manifest(frame: pd.DataFrame) -> pd.DataFrame:
     Raises:
         ValueError: a required column is missing.
     """
-    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns and c != "excluded"]
     if missing:
         raise ValueError(f"manifest lacks columns {missing}")
-    out = frame.loc[:, list(MANIFEST_COLUMNS)].copy()
-    for column in ("image_id", "patient_id", "study_id", "site", "path", "view", "sex", "split"):
+    out = frame.reindex(columns=list(MANIFEST_COLUMNS)).copy()
+    unknown = set(out["excluded"].dropna()) - EXCLUSIONS
+    if unknown:
+        raise ValueError(f"unknown exclusion reasons {sorted(unknown)}; use one of {sorted(EXCLUSIONS)}")
+    for column in ("image_id", "patient_id", "study_id", "site", "path", "view", "sex", "split", "excluded"):
         out[column] = pd.array([None if is_missing(v) else str(v) for v in out[column]], dtype="string")
     out["age"] = pd.to_numeric(out["age"], errors="coerce").astype("float64")
     for label in LABELS:

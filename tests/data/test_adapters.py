@@ -111,6 +111,101 @@ def test_chexpert(tmp_path):
     assert valid["split"] == "val" and valid["no_finding"] == 0.0 and valid["cardiomegaly"] == 1.0
 
 
+def write_jpeg(path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)).save(path, quality=90)
+
+
+CHEXPERT_FULL_TRAIN = CHEXPERT_HEADER + """CheXpert-v1.0/train/patient00001/study1/view1_frontal.jpg,Female,68,Frontal,AP,1.0,,,,,,,,,0.0,,,,1.0
+CheXpert-v1.0/train/patient00002/study1/view1_frontal.jpg,Male,83,Frontal,PA,,,-1.0,1.0,,,-1.0,,1.0,,1.0,,,
+CheXpert-v1.0/train/patient00003/study2/view1_frontal.jpg,Female,41,Frontal,PA,,,1.0,,,,,,,,,,,
+"""
+CHEXPERT_FULL_VALID = CHEXPERT_HEADER + """CheXpert-v1.0/valid/patient64541/study1/view1_frontal.jpg,Male,73,Frontal,AP,0.0,1.0,1.0,1.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0
+"""
+CHEXPERT_TEST = CHEXPERT_HEADER + """test/patient64741/study1/view1_frontal.jpg,Female,55,Frontal,PA,0.0,0.0,1.0,0.0,0.0,0.0,0.0,0.0,0.0,0.0,1.0,0.0,0.0,0.0
+"""
+
+
+def test_chexpert_full_release_in_batch_folders_with_the_labelled_test_set(tmp_path):
+    """The high-resolution download: CSVs and valid/ in batch 1, training patients spread over batches 2-4 with no
+    train/ folder; the labelled test set beside them keeps its test/ prefix."""
+    batch1 = tmp_path / "CheXpert-v1.0 batch 1 (validate & csv)"
+    batch1.mkdir()
+    (batch1 / "train.csv").write_text(CHEXPERT_FULL_TRAIN)
+    (batch1 / "valid.csv").write_text(CHEXPERT_FULL_VALID)
+    (tmp_path / "test_labels.csv").write_text(CHEXPERT_TEST)
+    files = [batch1 / "valid/patient64541/study1/view1_frontal.jpg",
+             tmp_path / "CheXpert-v1.0 batch 2 (train 1)/patient00001/study1/view1_frontal.jpg",
+             tmp_path / "CheXpert-v1.0 batch 3 (train 2)/patient00002/study1/view1_frontal.jpg",
+             tmp_path / "CheXpert-v1.0 batch 4 (train 3)/patient00003/study2/view1_frontal.jpg",
+             tmp_path / "test/patient64741/study1/view1_frontal.jpg"]
+    for file in files:
+        write_jpeg(file)
+    m = read_manifest("chexpert", tmp_path, "chexpert")
+    assert sorted(m["path"]) == sorted(str(f) for f in files) and all(Path(p).is_file() for p in m["path"])
+    first = row(m, "train/patient00001/study1/view1_frontal.jpg")
+    assert (first["split"], first["sex"], first["no_finding"]) == ("train", "F", 1.0)
+    assert row(m, "valid/patient64541/study1/view1_frontal.jpg")["split"] == "val"
+    test = row(m, "test/patient64741/study1/view1_frontal.jpg")         # the test/ prefix is kept
+    assert (test["split"], test["patient_id"], test["pleural_effusion"]) == ("test", "patient64741", 1.0)
+
+
+def test_chexpert_image_missing_from_every_batch_points_where_it_was_listed(tmp_path):
+    (tmp_path / "train.csv").write_text(CHEXPERT_FULL_TRAIN)
+    write_jpeg(tmp_path / "train/patient00001/study1/view1_frontal.jpg")
+    m = read_manifest("chexpert", tmp_path, "chexpert")
+    assert row(m, "train/patient00001/study1/view1_frontal.jpg")["path"] == str(
+        tmp_path / "train/patient00001/study1/view1_frontal.jpg")
+    # Not on disk: prepare reports it unreadable at the path the CSV implies.
+    assert row(m, "train/patient00002/study1/view1_frontal.jpg")["path"] == str(
+        tmp_path / "train/patient00002/study1/view1_frontal.jpg")
+
+
+def mimic_release(root: Path) -> None:
+    root.mkdir(parents=True)
+    (root / "mimic-cxr-2.0.0-metadata.csv").write_text(MIMIC_METADATA)
+    (root / "mimic-cxr-2.0.0-split.csv").write_text(MIMIC_SPLIT)
+    (root / "mimic-cxr-2.0.0-chexpert.csv").write_text(MIMIC_CHEXPERT)
+
+
+def test_mimic_iv_patients_from_core_or_outside_the_jpeg_tree(tmp_path, monkeypatch):
+    root = tmp_path / "physionet.org/files/mimic-cxr-jpg/2.0.0"
+    mimic_release(root)
+    (root / "core").mkdir()                                   # MIMIC-IV 1.0 layout, gzipped as downloaded
+    (root / "core/patients.csv.gz").write_bytes(gzip.compress(MIMIC_PATIENTS.encode()))
+    assert row(read_manifest("mimic-cxr-jpg", root, "mimic"), "1234abcd-aaaaaaaa-bbbbbbbb-cccccccc-dddddddd")[
+        "age"] == 90.0
+    (root / "core/patients.csv.gz").unlink()
+    mimic_iv = tmp_path / "physionet.org/files/mimiciv/2.2/hosp"
+    mimic_iv.mkdir(parents=True)
+    (mimic_iv / "patients.csv.gz").write_bytes(gzip.compress(MIMIC_PATIENTS.encode()))
+    monkeypatch.chdir(tmp_path)
+    # params.yaml options are strings, relative to the working directory like the site's path.
+    m = read_manifest("mimic-cxr-jpg", root, "mimic", patients_csv="physionet.org/files/mimiciv/2.2/hosp/patients.csv.gz")
+    assert row(m, "0a1b2c3d-11111111-22222222-33333333-44444444")["sex"] == "F"
+
+
+def test_mimic_patients_errors_name_the_columns_and_the_option(tmp_path, monkeypatch):
+    root = tmp_path / "2.0.0"
+    mimic_release(root)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"patients.csv\(.gz\) is not in .*2.0.0/core: it is a separate "
+                       r"download .*options: \{patients_csv: <MIMIC-IV>/hosp/patients.csv.gz\}"):
+        read_manifest("mimic-cxr-jpg", root, "mimic")
+    Path("admissions.csv").write_text("subject_id,hadm_id,admittime,dischtime\n10000001,20000001,2180-05-06,\n")
+    with pytest.raises(ValueError, match=r"^admissions.csv lacks the columns \['gender', 'anchor_age', 'anchor_year'\] "
+                       r"of MIMIC-IV's patients table .*options: \{patients_csv:") as error:
+        read_manifest("mimic-cxr-jpg", root, "mimic", patients_csv="admissions.csv")
+    assert "\n" not in str(error.value)
+    with pytest.raises(FileNotFoundError, match=r"options.patients_csv: nowhere/patients.csv does not exist"):
+        read_manifest("mimic-cxr-jpg", root, "mimic", patients_csv="nowhere/patients.csv")
+    with pytest.raises(ValueError, match=r"site 'mimic': unknown option\(s\) \['patient_csv'\] for format "
+                       r"mimic-cxr-jpg; it takes \['patients_csv'\]"):
+        read_manifest("mimic-cxr-jpg", root, "mimic", patient_csv="admissions.csv")
+
+
 NIH_V2020 = """Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]
 00000001_000.png,Cardiomegaly,0,1,57,M,PA,2682,2749,0.14300000000000002,0.14300000000000002
 00000001_001.png,Cardiomegaly|Effusion,1,1,58,M,PA,2500,2048,0.168,0.168
@@ -186,6 +281,28 @@ def test_padchest(tmp_path):
     assert traps["path"] == str(tmp_path / "13" / "66666666666666666666666666666666666666_ghi789.png")
 
 
+PADCHEST_NOT_ASSESSED = PADCHEST.splitlines()[0] + "\n" + "\n".join(
+    f"{i},{i}0000000000000000000000000000000000000_x{i}.png,0,20170606,{i}000000000000000000000000000000000000000,"
+    f"9{i}00000000000000000000000000000000000000,{birth},F,,PA,Manual review of DICOM fields,No,CR,Philips,MONOCHROME2,0,"
+    f",,12,,,,,,,None,,,400000{i},,Physician,\"{labels}\",[],[],[],[]"
+    for i, (labels, birth) in enumerate([("['exclude']", "1950.0"), ("['suboptimal study']", "1950.0"),
+                                         ("[' Unchanged ']", "1950.0"), ("['unchanged', 'cardiomegaly']", "1950.0"),
+                                         ("['normal']", "2017.0")], start=5)) + "\n"
+
+
+def test_padchest_rows_nobody_assessed_are_excluded_never_negative_and_infants_keep_age_0(tmp_path):
+    (tmp_path / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv").write_text(PADCHEST_NOT_ASSESSED)
+    m = read_manifest("padchest", tmp_path, "padchest").set_index("image_id")
+    for name in ("50000000000000000000000000000000000000_x5.png", "60000000000000000000000000000000000000_x6.png",
+                 "70000000000000000000000000000000000000_x7.png"):
+        assert m.at[name, "excluded"] == "non-assessable"
+        assert all(is_null(m.at[name, label]) for label in ("atelectasis", "cardiomegaly", "no_finding"))
+    compared = m.loc["80000000000000000000000000000000000000_x8.png"]     # "unchanged" beside a finding: assessed
+    assert is_null(compared["excluded"]) and compared["cardiomegaly"] == 1.0 and compared["no_finding"] == 0.0
+    infant = m.loc["90000000000000000000000000000000000000_x9.png"]
+    assert infant["age"] == 0.0 and infant["no_finding"] == 1.0
+
+
 VINDR_LABELS = "Aortic enlargement,Atelectasis,Calcification,Cardiomegaly,Clavicle fracture,Consolidation,Edema,Emphysema,Enlarged PA,ILD,Infiltration,Lung Opacity,Lung cavity,Lung cyst,Mediastinal shift,Nodule/Mass,Pleural effusion,Pleural thickening,Pneumothorax,Pulmonary fibrosis,Rib fracture,Other lesion,COPD,Lung tumor,Pneumonia,Tuberculosis"
 VINDR_TRAIN = f"""image_id,rad_id,{VINDR_LABELS},Other diseases,No finding
 000434271f63a053c4128a0ba6352c7f,R2,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,0,1
@@ -215,7 +332,9 @@ def write_dicom(path: Path, **tags: str) -> None:
     ds.save_as(path, enforce_file_format=True)
 
 
-@pytest.mark.parametrize("aggregation, expected", [("majority", (0, 1, 1, 0, 0)), ("any", (1, 1, 1, 1, 1))])
+# Readers: R2 "no finding"; R3 cardiomegaly + effusion; R6 atelectasis + cardiomegaly + effusion + pneumonia. Under
+# `any` a finding needs one reader and "no finding" all three, so the image is never both.
+@pytest.mark.parametrize("aggregation, expected", [("majority", (0, 1, 1, 0, 0)), ("any", (1, 1, 1, 1, 0))])
 def test_vindr_aggregation_and_dicom_demographics(tmp_path, aggregation, expected):
     (tmp_path / "annotations").mkdir()
     (tmp_path / "annotations" / "image_labels_train.csv").write_text(VINDR_TRAIN)

@@ -1,5 +1,6 @@
-"""The prepare stage on the tiny synthetic data set: store, splits, corrupt images, atomic outputs."""
+"""The prepare stage on the tiny synthetic data set: store, splits, corrupt images, dropped rows, atomic outputs."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from pipelines.data.schema import LABELS
 from pipelines.data.store import open_site
 from pipelines.prepare import prepare
 from pipelines.stage import StageError
+from pipelines.validate import validate
 
 
 def test_prepare_writes_a_store_per_site(workspace):
@@ -99,3 +101,56 @@ def test_command_line_errors_are_one_line(workspace):
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "data/missing-padchest does not exist" in result.stderr
     assert not Path("artifacts/prepare").exists()
+
+
+def rewrite_padchest(site_path: Path, change) -> None:
+    """Edits the PadChest CSV with the csv module, so its unnamed first column and quoting stay as released."""
+    path = site_path / "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    change(rows[0], rows[1:])
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+
+
+def test_report_counts_each_dropped_and_filled_row_and_the_gate_bounds_the_dropped_share(workspace):
+    params = load_params(Path("params.yaml"), ["base.image_size=16", "prepare.max_bad_fraction=0.5"])
+    padchest = Path(params.data.sites["synthetic-padchest"].path)
+    edited: dict[str, str] = {}
+
+    def change(header, rows):
+        column = {name: i for i, name in enumerate(header)}
+        frontal = [r for r in rows if r[column["Projection"]] in ("PA", "AP", "AP_horizontal")]
+        edited["unlabelled_before"] = sum(r[column["Labels"]] in ("nan", "") for r in frontal)
+        assessed = [r for r in frontal if r[column["Labels"]].startswith("['")]
+        for r, labels in zip(assessed, ["['exclude']", "['suboptimal study']", "['unchanged']", "nan"], strict=False):
+            r[column["Labels"]] = labels
+        edited["unreadable"] = assessed[4][column["ImageID"]]
+        edited["excluded"] = [r[column["ImageID"]] for r in assessed[:3]]
+        edited["frontal"] = len(frontal)
+        edited["non_frontal"] = len(rows) - len(frontal)
+
+    rewrite_padchest(padchest, change)
+    victim = next(padchest.rglob(edited["unreadable"]))
+    victim.write_bytes(victim.read_bytes()[:80])
+    site = prepare(params)["sites"]["synthetic-padchest"]
+    assert site["frontal"] == edited["frontal"]
+    assert site["dropped"] == {"non_frontal": edited["non_frontal"], "non_assessable": 3,
+                               "unlabelled": edited["unlabelled_before"] + 1, "unreadable": 1}
+    assert site["images"] == site["frontal"] - 3 - site["dropped"]["unlabelled"] - 1
+    stored = open_site(Path("artifacts/prepare/synthetic-padchest")).metadata
+    assert not set(edited["excluded"]) & set(stored["image_id"]) and "excluded" not in stored.columns
+    assert site["missing"] == {"sex": int(stored["sex"].isna().sum()), "age": int(stored["age"].isna().sum())}
+    # CheXpert leaves most labels blank (not mentioned) and marks some uncertain: the policy filled those rows.
+    chexpert = json.loads(Path("artifacts/prepare/report.json").read_text())["sites"]["synthetic-chexpert"]
+    assert 0 < chexpert["labels_filled"]["uncertain"] < chexpert["labels_filled"]["not_mentioned"] <= chexpert["images"]
+
+    share = (3 + site["dropped"]["unlabelled"] + 1) / site["frontal"]
+    for limit, fails in ((share - 0.01, True), (share + 0.01, False)):
+        try:
+            validate(load_params(Path("params.yaml"), [f"validate.max_dropped_fraction={limit:.4f}"]),
+                     data_docs=False)
+        except StageError:
+            pass
+        failures = json.loads(Path("artifacts/validate/summary.json").read_text())["failures"]
+        assert (("synthetic-padchest", "rows.dropped_share") in {(f["site"], f["check"]) for f in failures}) == fails

@@ -7,6 +7,14 @@ from pathlib import Path
 import pandas as pd
 
 
+class MissingColumns(ValueError):
+    """A CSV lacks columns its format requires (``missing`` names them)."""
+
+    def __init__(self, path: Path, missing: list[str]) -> None:
+        super().__init__(f"{path.name} lacks columns {missing}: is this the right file for this data set?")
+        self.path, self.missing = path, missing
+
+
 def find_file(root: Path, *names: str) -> Path:
     """The first of ``names`` (tried also with ``.gz``) that exists under ``root``.
 
@@ -27,10 +35,10 @@ def read_csv(path: Path, required: tuple[str, ...] = ()) -> pd.DataFrame:
     """Reads a CSV with every cell as a string (ids must never become numbers) and checks required columns.
 
     Raises:
-        ValueError: a required column is missing.
+        MissingColumns: a required column is missing.
     """
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[], compression="infer")
     missing = [c for c in required if c not in frame.columns]
     if missing:
-        raise ValueError(f"{path.name} lacks columns {missing}: is this the right file for this data set?")
+        raise MissingColumns(path, missing)
     return frame

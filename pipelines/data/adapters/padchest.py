@@ -2,8 +2,11 @@
 
 ``Labels`` is a Python-list string parsed with ``ast.literal_eval`` and matched item by item, never by
 substring (``pericardial effusion`` is not a pleural effusion, ``abnormal foreign body`` is not ``normal``).
-An image without a Labels list gets null labels; an assessed image lacking a label item is negative. Ids are
-up to 39-digit strings. Age is the study year minus the birth year.
+An image without a Labels list gets null labels; an assessed image lacking a label item is negative. An image
+whose only items are ``exclude``, ``suboptimal study`` or ``unchanged`` was not assessed (the readers excluded it,
+judged it unreadable, or only compared it with an earlier study): its labels are null and the row is marked
+``non-assessable``, which prepare drops and counts — never a row of negatives. Ids are up to 39-digit strings.
+Age is the study year minus the birth year: 0 is a real age here (infants born in the study year).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ ITEMS = {
     "no_finding": {"normal"},
 }
 VIEW = {"PA": "PA", "AP": "AP", "AP_horizontal": "AP", "L": "LATERAL"}
+NOT_ASSESSED = frozenset({"exclude", "suboptimal study", "unchanged"})
 
 
 def read(root: Path, site: str) -> pd.DataFrame:
@@ -40,7 +44,9 @@ def read(root: Path, site: str) -> pd.DataFrame:
     raw = read_csv(find_file(root, CSV_NAME),
                    ("ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientBirth",
                     "PatientSex_DICOM", "Projection", "Labels"))
-    items = raw["Labels"].map(parse_items)
+    parsed = [parse_items(cell) for cell in raw["Labels"]]
+    not_assessed = [found is not None and bool(found) and found <= NOT_ASSESSED for found in parsed]
+    items = [None if no else found for found, no in zip(parsed, not_assessed, strict=True)]
     out = pd.DataFrame({
         "image_id": raw["ImageID"],
         "patient_id": raw["PatientID"],
@@ -51,6 +57,7 @@ def read(root: Path, site: str) -> pd.DataFrame:
         "sex": raw["PatientSex_DICOM"].map(parse_sex),
         "age": [_age(d, b) for d, b in zip(raw["StudyDate_DICOM"], raw["PatientBirth"], strict=True)],
         "split": None,
+        "excluded": ["non-assessable" if no else None for no in not_assessed],
     })
     for label in LABELS:
         out[label] = [np.nan if found is None else float(bool(found & ITEMS[label])) for found in items]
@@ -84,4 +91,4 @@ def _age(study_date: str, birth_year: str) -> float | None:
     date, birth = parse_number(study_date), parse_number(birth_year)
     if date is None or birth is None:
         return None
-    return valid_age(int(date) // 10000 - birth)
+    return valid_age(int(date) // 10000 - birth, zero_is_missing=False)

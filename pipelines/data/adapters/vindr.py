@@ -1,9 +1,12 @@
 """VinDr-CXR 1.0: ``annotations/image_labels_{train,test}.csv`` and DICOM files ``{train,test}/<image_id>.dicom``.
 
-Each training image was labelled by three radiologists (three rows); the default aggregation is a majority
-(at least two of three), ``any`` is the alternative. The test file has one consensus row per image and spells
-``Other disease``. Sex and age exist only in the DICOM tags (``PatientSex``, ``PatientAge`` as ``045Y``). No
-patient id is published, so the image id stands in for it: patient-level leakage cannot be checked here.
+Each training image was labelled by three radiologists (three rows). ``majority`` (the default): a label is
+positive when more than half of the readers marked it, ``No finding`` included. ``any``: a finding is positive
+when any reader marked it, and ``No finding`` only when every reader marked it (one reader's finding rules it
+out), so no image is both "no finding" and positive for a finding. The test file has one consensus row per
+image and spells ``Other disease``. Sex and age exist only in the DICOM tags (``PatientSex``, ``PatientAge`` as
+``045Y``). No patient id is published, so the image id stands in for it: patient-level leakage cannot be checked
+here.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ def _aggregate(raw: pd.DataFrame, aggregation: str) -> pd.DataFrame:
     grouped = values.groupby("image_id", sort=False)
     if aggregation == "any":
         combined = grouped[list(LABELS)].max()
+        combined["no_finding"] = grouped["no_finding"].min()
     else:
         counts = grouped[list(LABELS)].agg(["sum", "count"])
         combined = pd.DataFrame({label: (counts[(label, "sum")] * 2 > counts[(label, "count")]).astype(float)
