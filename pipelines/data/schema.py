@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import re
 
-import numpy as np
 import pandas as pd
 
 from models.labels import LABELS
@@ -37,6 +36,7 @@ AGE_BIN_NAMES: tuple[str, ...] = tuple(f"[{lo},{hi}{']' if hi == 100 else ')'}" 
 # Tokens that mean "missing" in the released CSVs (PadChest was cast to str before writing).
 MISSING_TOKENS = frozenset({"", "nan", "NaN", "None", "none", "NULL", "null"})
 MAX_PLAUSIBLE_AGE = 110.0
+LABEL_VALUES = (1.0, 0.0, -1.0)   # positive, negative, uncertain (CheXpert's coding; blank: not mentioned)
 
 
 def is_missing(value: object) -> bool:
@@ -93,14 +93,24 @@ def parse_dicom_age(value: object) -> float | None:
     return valid_age(int(match.group(1)) * _DICOM_AGE_UNIT_YEARS[match.group(2)])
 
 
-def parse_label(value: object) -> float:
-    """A CheXpert/MIMIC label cell (``1.0``, ``0.0``, ``-1.0``, blank) to 1/0/-1/NaN."""
-    number = parse_number(value)
-    if number is None:
-        return np.nan
-    if number not in (1.0, 0.0, -1.0):
-        raise ValueError(f"label value {value!r} is not one of 1.0, 0.0, -1.0 or blank")
-    return number
+def parse_labels(values: pd.Series, column: str, files: str | pd.Series) -> pd.Series:
+    """A CheXpert-coded label column (``1.0``, ``0.0``, ``-1.0``, blank) as 1/0/-1/NaN.
+
+    Args:
+        values: the column's cells, as read.
+        column: its name in the file.
+        files: the file it was read from, or per row (when several files were concatenated).
+
+    Raises:
+        ValueError: a cell is another value; the message names the file, the column and the value.
+    """
+    numbers = values.map(parse_number)
+    bad = values[~numbers.isin(LABEL_VALUES) & ~values.map(is_missing)]
+    if len(bad):
+        file = files if isinstance(files, str) else files[bad.index[0]]
+        raise ValueError(f"{file}: column {column!r} has the value {bad.iloc[0]!r}; labels are 1.0, 0.0, -1.0 or "
+                         f"blank: is this the right file for the site's format?")
+    return numbers.astype("float64")
 
 
 def finalize_manifest(frame: pd.DataFrame) -> pd.DataFrame:

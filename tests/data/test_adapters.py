@@ -206,6 +206,15 @@ def test_mimic_patients_errors_name_the_columns_and_the_option(tmp_path, monkeyp
         read_manifest("mimic-cxr-jpg", root, "mimic", patient_csv="admissions.csv")
 
 
+def test_an_unexpected_label_value_names_the_file_the_column_and_the_value(tmp_path):
+    (tmp_path / "train.csv").write_text(CHEXPERT_TRAIN)
+    (tmp_path / "valid.csv").write_text(CHEXPERT_VALID.replace(",0.0,1.0,1.0,1.0,", ",0.0,1.0,2.0,1.0,", 1))
+    with pytest.raises(ValueError, match=r"valid.csv: column 'Cardiomegaly' has the value '2.0'; labels are 1.0, 0.0, "
+                       r"-1.0 or blank") as error:
+        read_manifest("chexpert", tmp_path, "chexpert")
+    assert "\n" not in str(error.value)
+
+
 NIH_V2020 = """Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient Gender,View Position,OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]
 00000001_000.png,Cardiomegaly,0,1,57,M,PA,2682,2749,0.14300000000000002,0.14300000000000002
 00000001_001.png,Cardiomegaly|Effusion,1,1,58,M,PA,2500,2048,0.168,0.168

@@ -55,7 +55,8 @@ def read(root: Path, site: str) -> pd.DataFrame:
 
 def _tokens(cell: str) -> frozenset[str]:
     if is_missing(cell):
-        raise ValueError("a Finding Labels cell is empty; ChestX-ray14 always lists findings or 'No Finding'")
+        raise ValueError("ChestX-ray14 column 'Finding Labels' has an empty cell; the release always lists findings "
+                         "or 'No Finding': is this Data_Entry_2017(_v2020).csv?")
     return frozenset(token.strip() for token in cell.split("|"))
 
 

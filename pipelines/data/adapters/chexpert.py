@@ -22,7 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.data.adapters._csv import read_csv
-from pipelines.data.schema import finalize_manifest, parse_label, parse_number, parse_sex, valid_age
+from pipelines.data.schema import finalize_manifest, parse_labels, parse_number, parse_sex, valid_age
 
 LABEL_COLUMNS = {
     "atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly", "pleural_effusion": "Pleural Effusion",
@@ -48,7 +48,7 @@ def read(root: Path, site: str) -> pd.DataFrame:
     for name, split in FILES.items():
         if path := _find_csv(root, name):
             raw = read_csv(path, ("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *LABEL_COLUMNS.values()))
-            parts.append(raw.assign(_split=split))
+            parts.append(raw.assign(_split=split, _file=str(path)))
     if not parts:
         raise FileNotFoundError(f"no train.csv or valid.csv in {root} or one folder down: point the site's path at "
                                 f"the CheXpert-v1.0(-small) folder, or at the folder holding the batch folders")
@@ -72,7 +72,7 @@ def read(root: Path, site: str) -> pd.DataFrame:
         "split": frame["_split"],
     })
     for label, column in LABEL_COLUMNS.items():
-        out[label] = frame[column].map(parse_label)
+        out[label] = parse_labels(frame[column], column, frame["_file"])
     return finalize_manifest(out)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.data.adapters._csv import find_file, read_csv
-from pipelines.data.schema import LABELS, VIEWS, finalize_manifest, parse_label, parse_number, parse_sex, valid_age
+from pipelines.data.schema import LABELS, VIEWS, finalize_manifest, parse_labels, parse_number, parse_sex, valid_age
 
 REQUIRED = ("image_id", "patient_id", "study_id", "path", "view", "sex", "age", *LABELS)
 
@@ -25,10 +25,11 @@ def read(root: Path, site: str) -> pd.DataFrame:
     Raises:
         ValueError: a column is missing or a view or label value is not allowed.
     """
-    raw = read_csv(find_file(root, "masterlist.csv"), REQUIRED)
+    path = find_file(root, "masterlist.csv")
+    raw = read_csv(path, REQUIRED)
     bad_views = sorted(set(raw["view"].str.upper()) - VIEWS)
     if bad_views:
-        raise ValueError(f"masterlist.csv has views {bad_views}; allowed are {sorted(VIEWS)}")
+        raise ValueError(f"{path}: column 'view' has {bad_views}; allowed are {sorted(VIEWS)}")
     out = pd.DataFrame({
         "image_id": raw["image_id"],
         "patient_id": raw["patient_id"],
@@ -41,5 +42,5 @@ def read(root: Path, site: str) -> pd.DataFrame:
         "split": raw["split"].replace("", None) if "split" in raw else None,
     })
     for label in LABELS:
-        out[label] = raw[label].map(parse_label)
+        out[label] = parse_labels(raw[label], label, str(path))
     return finalize_manifest(out)

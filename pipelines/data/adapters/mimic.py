@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from pipelines.data.adapters._csv import MissingColumns, find_file, read_csv
-from pipelines.data.schema import finalize_manifest, parse_label, parse_number, parse_sex, valid_age
+from pipelines.data.schema import finalize_manifest, parse_labels, parse_number, parse_sex, valid_age
 
 LABEL_COLUMNS = {
     "atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly", "pleural_effusion": "Pleural Effusion",
@@ -45,8 +45,8 @@ def read(root: Path, site: str, patients_csv: str | Path | None = None) -> pd.Da
     meta = read_csv(find_file(root, "mimic-cxr-2.0.0-metadata.csv"),
                     ("dicom_id", "subject_id", "study_id", "ViewPosition", "StudyDate"))
     split = read_csv(find_file(root, "mimic-cxr-2.0.0-split.csv"), ("dicom_id", "split"))
-    labels = read_csv(find_file(root, "mimic-cxr-2.0.0-chexpert.csv"),
-                      ("subject_id", "study_id", *LABEL_COLUMNS.values()))
+    labels_path = find_file(root, "mimic-cxr-2.0.0-chexpert.csv")
+    labels = read_csv(labels_path, ("subject_id", "study_id", *LABEL_COLUMNS.values()))
     patients = _patients(root, patients_csv)
 
     frame = meta.merge(split[["dicom_id", "split"]], on="dicom_id", how="left")
@@ -67,7 +67,7 @@ def read(root: Path, site: str, patients_csv: str | Path | None = None) -> pd.Da
         "split": frame["split"].map(lambda v: SPLIT.get(v) if isinstance(v, str) else None),
     })
     for label, column in LABEL_COLUMNS.items():
-        out[label] = frame[column].map(parse_label)
+        out[label] = parse_labels(frame[column], column, str(labels_path))
     return finalize_manifest(out)
 
 

@@ -74,7 +74,8 @@ def parse_items(cell: str) -> frozenset[str] | None:
         return None
     value = ast.literal_eval(cell.strip())
     if not isinstance(value, list):
-        raise ValueError(f"PadChest Labels cell {cell[:60]!r} is not a list")
+        raise ValueError(f"PadChest column 'Labels' has {cell[:60]!r}, not a list such as \"['normal']\": is this "
+                         f"the PadChest labels CSV?")
     return frozenset(item.strip().lower() for item in value if isinstance(item, str) and item.strip())
 
 

@@ -37,7 +37,8 @@ def read(root: Path, site: str, aggregation: str = "majority") -> pd.DataFrame:
         FileNotFoundError: no label file.
     """
     if aggregation not in AGGREGATIONS:
-        raise ValueError(f"VinDr aggregation {aggregation!r} is not one of {AGGREGATIONS}")
+        raise ValueError(f"VinDr-CXR option aggregation {aggregation!r} is not one of {AGGREGATIONS}: fix the site's "
+                         f"options in params.yaml")
     parts = []
     for split in ("train", "test"):
         path = root / "annotations" / f"image_labels_{split}.csv"
@@ -45,7 +46,8 @@ def read(root: Path, site: str, aggregation: str = "majority") -> pd.DataFrame:
             raw = read_csv(path, ("image_id", *LABEL_COLUMNS.values()))
             parts.append(_aggregate(raw, aggregation).assign(split=split))
     if not parts:
-        raise FileNotFoundError(f"no annotations/image_labels_train.csv or _test.csv in {root}")
+        raise FileNotFoundError(f"no annotations/image_labels_train.csv or _test.csv in {root}: point the site's "
+                                f"path at the VinDr-CXR version folder")
     frame = pd.concat(parts, ignore_index=True)
     paths = [root / split / f"{image_id}.dicom"
              for image_id, split in zip(frame["image_id"], frame["split"], strict=True)]
