@@ -113,6 +113,7 @@ def rewrite_padchest(site_path: Path, change) -> None:
         csv.writer(f).writerows(rows)
 
 
+@pytest.mark.slow   # prepare of every site and two validate runs: in `make test`, not `make check`
 def test_report_counts_each_dropped_and_filled_row_and_the_gate_bounds_the_dropped_share(workspace):
     params = load_params(Path("params.yaml"), ["base.image_size=16", "prepare.max_bad_fraction=0.5"])
     padchest = Path(params.data.sites["synthetic-padchest"].path)
