@@ -63,11 +63,13 @@ test: setup browser
 	$(VENV)/bin/ruff check pipelines models serving tests benchmarks
 	$(PY) -m pytest -n 2 --dist loadgroup
 
-# Debian's headless Chromium, in which a test opens the report: installed when missing (needs root, as in CI).
+# Debian's headless Chromium, in which a test opens the report: installed when missing (as root, or with sudo).
 browser:
-	@command -v chromium >/dev/null || { test "$$(id -u)" = 0 && apt-get update -qq \
-	  && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-	  || { echo "make: the report test needs Chromium: run apt-get install chromium as root"; exit 1; }
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then as_root=; elif sudo -n true 2>/dev/null; then as_root=sudo; else \
+	    echo "make: the report test needs Chromium: run apt-get install chromium as root"; exit 1; fi; \
+	  $$as_root apt-get update -qq && $$as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium \
+	    >/dev/null; }
 
 # The fast loop while changing code: everything not marked slow (unit, data, privacy and single-stage tests).
 check: setup
