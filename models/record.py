@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 PRIVACY_FIELDS = ("epsilon", "delta", "accountant", "noise_multiplier", "sample_rate", "steps", "max_grad_norm",
@@ -43,6 +44,12 @@ def verified_record(folder: Path) -> dict[str, str]:
         raise WeightsMismatch(f"the weights in {folder} (SHA-256 {actual[:16]}…) are not the ones the privacy record "
                               f"was issued for ({str(record.get('weights_sha256'))[:16]}…): refusing to serve them")
     return record
+
+
+def epsilon_up(epsilon: object, decimals: int) -> str:
+    """Epsilon shortened to ``decimals`` places, rounded up: a printed epsilon never looks smaller than the spent."""
+    scale = 10 ** decimals
+    return f"{math.ceil(float(epsilon) * scale) / scale:.{decimals}f}"
 
 
 def privacy_statement(record: dict[str, str]) -> dict[str, str]:

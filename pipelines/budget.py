@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from models.privacy import pld_epsilon
+from models.record import epsilon_up
 from pipelines.config import Params
 from pipelines.stage import StageError, run_stage
 
@@ -164,7 +165,7 @@ def _print(rows: list[dict[str, object]], delta: float) -> None:
     print(f"{'data set':<24} {'unit':<8} {'runs':>5} {'steps':>7} {'spent':>9} {'budget':>8} {'left':>9}")
     for row in rows:
         print(f"{row['data_set']:<24} {row['unit']:<8} {row['runs']:>5} {row['steps']:>7} "
-              f"{math.ceil(row['epsilon_spent'] * 1000) / 1000:>9.3f} {row['budget']:>8g} {row['left']:>9.3f}")
+              f"{epsilon_up(row['epsilon_spent'], 3):>9} {row['budget']:>8g} {row['left']:>9.3f}")
 
 
 def _mlflow_call(call: object) -> object:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from models.record import PRIVACY_FIELDS, RECORD, RECORD_FIELDS, privacy_statement, weights_digest
+from models.record import PRIVACY_FIELDS, RECORD, RECORD_FIELDS, epsilon_up, privacy_statement, weights_digest
 from pipelines.atomic import atomic_folder
 from pipelines.budget import composed_epsilon
 from pipelines.cells import Cell, trained_cells
@@ -180,10 +180,11 @@ def registered_record(choice: Choice, delta: float, audited: dict[str, object] |
     epsilon = record.get("epsilon")
     if private and len(choice.candidates) > 1:
         epsilon = composed_epsilon([tuple(h) for c in choice.candidates for h in c.privacy["history"]], delta)
-    values = {**record, "epsilon": _up(epsilon) if private else "inf",
-              "epsilon_cell": _up(record["epsilon"]) if private else "inf",
-              "data_set_epsilon": _up(record.get("data_set_epsilon")) if _finite(record.get("data_set_epsilon"))
-              else "inf", "selection": choice.selection, "candidates": ", ".join(c.name for c in choice.candidates),
+    values = {**record, "epsilon": epsilon_up(epsilon, 4) if private else "inf",
+              "epsilon_cell": epsilon_up(record["epsilon"], 4) if private else "inf",
+              "data_set_epsilon": epsilon_up(record.get("data_set_epsilon"), 4)
+              if _finite(record.get("data_set_epsilon")) else "inf",
+              "selection": choice.selection, "candidates": ", ".join(c.name for c in choice.candidates),
               "weights_sha256": weights_digest(choice.cell.folder)}
     values["audit"] = _audit_text(audited, values["epsilon"])
     return {field: _text(values.get(field)) for field in RECORD_FIELDS}
@@ -194,11 +195,6 @@ def _finite(value: object) -> bool:
         return math.isfinite(float(value))
     except (TypeError, ValueError):
         return False
-
-
-def _up(epsilon: object) -> str:
-    """Epsilon shortened to four decimals, rounded up: a shortened epsilon never looks smaller than the real one."""
-    return f"{math.ceil(float(epsilon) * 1e4) / 1e4:.4f}"
 
 
 def _down(epsilon: object) -> str:

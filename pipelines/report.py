@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from models.record import epsilon_up  # noqa: E402
 from pipelines.atomic import atomic_folder  # noqa: E402
 from pipelines.config import Params  # noqa: E402
 from pipelines.data.schema import LABELS  # noqa: E402
@@ -192,16 +193,11 @@ def _data_set_epsilon(records: dict[str, dict]) -> float:
     return max((e for e in finite if math.isfinite(e)), default=float("nan"))
 
 
-def _rounded_up(epsilon: float) -> str:
-    # A shortened epsilon must never look smaller than the one spent.
-    return f"{math.ceil(float(epsilon) * 1000) / 1000:.3f}"
-
-
 def _privacy_settings(rows: pd.DataFrame, records: dict[str, dict]) -> pd.DataFrame:
     out = []
     for row in rows[np.isfinite(rows["epsilon"])].sort_values(["epsilon", "init"]).itertuples():
         record = records[row.cell]
-        out.append({"model": row.cell, "target ε": f"{row.epsilon:g}", "ε spent": _rounded_up(record["epsilon"]),
+        out.append({"model": row.cell, "target ε": f"{row.epsilon:g}", "ε spent": epsilon_up(record["epsilon"], 3),
                     "δ": f"{float(record['delta']):g}", "σ": round(float(record["noise_multiplier"]), 3),
                     "q": round(float(record["sample_rate"]), 4), "steps": int(record["steps"]),
                     "C": float(record["max_grad_norm"])})
@@ -214,8 +210,8 @@ def _results_table(rows: pd.DataFrame, compared: pd.DataFrame, private: str, rec
     private_records = [records[c] for c in rows["cell"] if math.isfinite(float(records[c]["epsilon"]))]
     delta = f"{float(private_records[0]['delta']):g}" if private_records else "none"
     spent = rows.groupby("epsilon")["epsilon_spent"].max()
-    note = ", ".join(f"{_eps_label(eps)}: {_rounded_up(value)}" for eps, value in spent.items() if math.isfinite(eps))
-    total = (f"; every private run on this data set so far composes to ε = {_rounded_up(data_set_epsilon)}"
+    note = ", ".join(f"{_eps_label(eps)}: {epsilon_up(value, 3)}" for eps, value in spent.items() if math.isfinite(eps))
+    total = (f"; every private run on this data set so far composes to ε = {epsilon_up(data_set_epsilon, 3)}"
              if math.isfinite(data_set_epsilon) else "")
     text = (f"Mean AUROC [95% bootstrap CI] on the {private} test split, by initialization and target ε "
             f"(δ = {delta}; ε spent {note}{total}).\n\n{_init_by_epsilon(rows).to_markdown(index=False)}\n")
@@ -482,7 +478,7 @@ def _introduction(params: Params, prepared: dict, rows: pd.DataFrame, records: d
                  "chose the epoch and the thresholds), the test split, the public pretraining data or the site "
                  f"metadata used to prepare the data. A patient with k images is protected at k·ε."
                  + (f" Every private run recorded on this data set so far composes to ε = "
-                    f"{_rounded_up(data_set_epsilon)} at the same δ." if math.isfinite(data_set_epsilon) else ""))
+                    f"{epsilon_up(data_set_epsilon, 3)} at the same δ." if math.isfinite(data_set_epsilon) else ""))
     return [data, design, guarantee]
 
 

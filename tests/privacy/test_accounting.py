@@ -84,7 +84,9 @@ def tiny_private(n, logical_batch, epsilon=8.0, epochs=1, seed=3):
 
 
 def test_poisson_batches_vary_and_every_logical_step_is_counted_empty_ones_included():
-    dp = tiny_private(n=60, logical_batch=2)              # q = 1/30: many logical batches are empty
+    # q = 1/60 over 60 steps: about 37% of logical batches are empty, so none at all has odds ~1e-12 (the draw is
+    # secret: at q = 1/30 over 30 steps one run in 70 saw no empty batch and failed).
+    dp = tiny_private(n=60, logical_batch=1)
     sizes = []
     with BatchMemoryManager(data_loader=dp.loader, max_physical_batch_size=4, optimizer=dp.optimizer) as batches:
         for x, y in batches:
@@ -94,11 +96,11 @@ def test_poisson_batches_vary_and_every_logical_step_is_counted_empty_ones_inclu
             dp.optimizer.step()
             if logical_end:
                 sizes.append(len(x))
-    assert dp.sample_rate == pytest.approx(1 / 30)
+    assert dp.sample_rate == pytest.approx(1 / 60)
     steps = sum(entry[2] for entry in dp.engine.accountant.history)
-    assert steps == len(dp.loader) == 30                           # logical steps, not physical batches
+    assert steps == len(dp.loader) == 60                           # logical steps, not physical batches
     assert 0 in sizes and len(set(sizes)) > 1                       # empty steps happened, sizes vary
-    assert dp.engine.accountant.history == [(dp.noise_multiplier, dp.sample_rate, 30)]
+    assert dp.engine.accountant.history == [(dp.noise_multiplier, dp.sample_rate, 60)]
 
 
 def test_poisson_sampler_draws_independent_bernoulli_batches():
