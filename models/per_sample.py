@@ -5,8 +5,8 @@ assumes NCHW-contiguous activations, but timm's ``LayerNorm2d`` hands the next c
 so those convolutions' per-sample gradients are garbage (relative error about 1.4) while ``ModuleValidator``
 reports nothing. Importing this module registers samplers that are exact:
 
-- ``nn.Conv2d``: contiguous activations; depthwise convolutions by a k*k loop of shifted products, which is
-  O(N*C*k^2*HW) instead of Opacus' O(N*C^2*k^2*HW) einsum that keeps only the diagonal;
+- ``nn.Conv2d``: contiguous activations; depthwise convolutions by one grouped convolution of the inputs with the output
+  gradients, O(N*C*k^2*HW) instead of Opacus' O(N*C^2*k^2*HW) einsum that keeps only the diagonal;
 - timm ``LayerNorm2d`` (channels-first) and timm ``LayerNorm`` (channels-last) by their closed forms.
 
 It also stops Opacus from zero-filling a buffer and copying each fresh per-sample gradient into it
@@ -48,7 +48,7 @@ def conv2d_grad_sample(layer: nn.Conv2d, activations: list[torch.Tensor], backpr
             grad = torch.einsum("nohw,nihw->noi", backprops, x)
             out[layer.weight] = grad.view(*grad.shape, 1, 1)
         else:
-            out[layer.weight] = _depthwise_weight_grad(layer, x, backprops.contiguous())
+            out[layer.weight] = depthwise_weight_grad(layer, x, backprops.contiguous())
     if layer.bias is not None and layer.bias.requires_grad:
         out[layer.bias] = backprops.sum(dim=(2, 3))
     return _fresh(out)
@@ -61,17 +61,23 @@ def _fresh(grads: dict[nn.Parameter, torch.Tensor]) -> dict[nn.Parameter, torch.
     return grads
 
 
-def _depthwise_weight_grad(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """grad[n, c, 0, i, j] = sum_hw x_pad[n, c, h*s + i*d, w*s + j*d] * g[n, c, h, w]."""
+def depthwise_weight_grad(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients (n, c, 1, kh, kw) of a depthwise convolution.
+
+    grad[n, c, 0, i, j] = sum_hw x_pad[n, c, h*s + i*d, w*s + j*d] * g[n, c, h, w]: a cross-correlation of each
+    example's padded input channel with its own output gradient, i.e. one convolution with n*c groups whose
+    kernels are the output gradients (stride and dilation swap roles). Measured on convnext_atto's depthwise
+    layers: 4-15x faster than a loop over the k*k kernel offsets, and faster than autograd's batched weight
+    gradient.
+    """
     (kh, kw), (sh, sw), (dh, dw), (ph, pw) = layer.kernel_size, layer.stride, layer.dilation, layer.padding
-    x = F.pad(x, (pw, pw, ph, ph))
     n, c, h_out, w_out = g.shape
-    grad = x.new_empty(n, c, kh, kw)
-    for i in range(kh):
-        for j in range(kw):
-            window = x[:, :, i * dh: i * dh + (h_out - 1) * sh + 1: sh, j * dw: j * dw + (w_out - 1) * sw + 1: sw]
-            torch.sum(window * g, dim=(2, 3), out=grad[:, :, i, j])
-    return grad.unsqueeze(2)
+    if n == 0:          # an empty Poisson batch (a convolution cannot have zero groups)
+        return g.new_zeros(0, c, 1, kh, kw)
+    x = F.pad(x, (pw, pw, ph, ph))
+    grad = F.conv2d(x.reshape(1, n * c, *x.shape[2:]), g.reshape(n * c, 1, h_out, w_out), stride=(dh, dw),
+                    dilation=(sh, sw), groups=n * c)
+    return grad[:, :, :kh, :kw].reshape(n, c, 1, kh, kw)
 
 
 @register_grad_sampler(LayerNorm2d)

@@ -2,7 +2,7 @@
 
 - ``make_private``: Opacus DP-SGD with Poisson sampling only (``poisson_sampling=True``), the noise multiplier
   calibrated from the target epsilon over all planned steps, per-sample clipping in ``hooks`` mode on the exact
-  samplers of ``models.per_sample``.
+  samplers of ``models.per_sample`` or by the book-keeping engine of ``models.book_keeping``.
 - ``cross_check``: the final epsilon recomputed independently with ``dp_accounting`` (PLD and RDP) from the
   accountant's (sigma, q, steps) history; a disagreement beyond the accountants' known slack is an error.
 - ``StepLedger``: an append-only file with one line per logical step, written before the step runs, so a run
@@ -66,12 +66,23 @@ class BoundedClipDPOptimizer(DPOptimizer):
         else:
             norms = torch.stack([torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1) for g in self.grad_samples],
                                 dim=1).double()
-            factor = (self.max_grad_norm / norms.norm(dim=1).clamp_min(1e-30)).clamp(max=1.0) * self.SAFETY
+            factor = clip_factors(norms.pow(2).sum(dim=1), self.max_grad_norm)
         for p in self.params:
             grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
             grad = torch.einsum("i,i...", factor.to(device=grad_sample.device, dtype=p.dtype), grad_sample)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
+
+
+def clip_factors(squared_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+    """Per-example clip factors ``min(1, C / norm)`` in float64, shrunk by ``BoundedClipDPOptimizer.SAFETY``.
+
+    Args:
+        squared_norms: each example's squared gradient norm over all parameters (float64).
+        max_grad_norm: the clipping bound C.
+    """
+    norms = squared_norms.double().sqrt().clamp_min(1e-30)
+    return (max_grad_norm / norms).clamp(max=1.0) * BoundedClipDPOptimizer.SAFETY
 
 
 @dataclass(frozen=True)
@@ -147,28 +158,40 @@ def _derived_generator(seed: bytes, purpose: bytes) -> torch.Generator:
 
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, *, mechanism: Mechanism,
-                 max_grad_norm: float, logical_batch: int, accountant: str, randomness: Randomness
-                 ) -> PrivateTraining:
+                 max_grad_norm: float, logical_batch: int, accountant: str, randomness: Randomness,
+                 engine: str = "samplers") -> PrivateTraining:
     """Wraps model, optimizer and data for DP-SGD with the planned mechanism and the run's own generators.
+
+    ``engine`` says how the clipped per-sample gradient sums are made: ``samplers`` (Opacus hooks materialise every
+    per-sample gradient with the exact samplers of ``models.per_sample``) or ``bk`` (``models.book_keeping``: no
+    parameter gradient from autograd, ghost norms where cheaper, the clipped sum from the records).
 
     Raises:
         PrivacyCheckError: the loader does not sample by Poisson at the planned rate.
     """
-    engine = PrivacyEngine(accountant=accountant, secure_mode=False)
+    privacy_engine = PrivacyEngine(accountant=accountant, secure_mode=False)
     # The DataLoader's generator becomes the Poisson sampler's; the noise has its own.
     loader = DataLoader(dataset, batch_size=min(logical_batch, len(dataset)), generator=randomness.sampling)
-    private_model, private_optimizer, private_loader = engine.make_private(
+    private_model, private_optimizer, private_loader = privacy_engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=mechanism.noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks", noise_generator=randomness.noise)
     # Same object, same Opacus wiring (accountant hook, noise, skip queue); only the clipping is replaced.
     private_optimizer.__class__ = BoundedClipDPOptimizer
+    if engine == "bk":
+        from models.book_keeping import BookKeeping, BookKeepingDPOptimizer  # it builds on this module
+
+        private_model.remove_hooks()        # no per-sample gradients: the book-keeping records replace them
+        private_optimizer.__class__ = BookKeepingDPOptimizer
+        private_optimizer.book = BookKeeping(private_model._module)
+    elif engine != "samplers":
+        raise ValueError(f"unknown DP engine {engine!r}; use samplers or bk")
     sampler = private_loader.batch_sampler
     if not isinstance(sampler, opacus.utils.uniform_sampler.UniformWithReplacementSampler):
         raise PrivacyCheckError(f"the training loader samples with {type(sampler).__name__}, not Poisson sampling")
     if (sampler.sample_rate != mechanism.sample_rate or sampler.generator is not randomness.sampling
             or private_optimizer.generator is not randomness.noise):
         raise PrivacyCheckError("the sampler and the noise must use the planned rate and the run's own generators")
-    return PrivateTraining(private_model, private_optimizer, private_loader, engine,
+    return PrivateTraining(private_model, private_optimizer, private_loader, privacy_engine,
                            float(private_optimizer.noise_multiplier), float(sampler.sample_rate))
 
 
@@ -362,6 +385,7 @@ class PrivacyRecord:
     data_set: str
     data_set_epsilon: float
     init: dict[str, str]
+    engine: str             # how the clipped sums were made (samplers | bk; none without DP): same guarantee
 
     def to_json(self) -> str:
         """JSON with infinities written as the string ``"inf"``."""

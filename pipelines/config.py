@@ -198,6 +198,7 @@ class Train(Section):
     epochs: Positive
     logical_batch: Positive
     physical_batch: Positive
+    engine: Literal["samplers", "bk"]
     augment: bool
     self_check_images: Positive
     reproducible: bool

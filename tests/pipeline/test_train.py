@@ -20,7 +20,7 @@ from pipelines.data.datasets import PatientDataset
 from pipelines.data.schema import LABELS
 from pipelines.data.source import source_manifest
 from pipelines.data.store import open_site
-from pipelines.metrics import mean_auroc
+from pipelines.metrics import bootstrap_indices, mean_auroc
 from pipelines.tracking import flatten
 from pipelines.train import main as train_command
 from pipelines.train import train
@@ -111,6 +111,31 @@ def test_the_noise_is_secret_unless_reproducible_is_asked_for(workspace):
     (third, record), (fourth, _) = weights("train.reproducible=true"), weights("train.reproducible=true")
     assert all(torch.equal(third[k], fourth[k]) for k in third)
     assert record["noise_seed"] == "public" and "no DP guarantee" in record["noise_generator"]
+
+
+@pytest.mark.slow
+def test_the_book_keeping_engine_trains_like_the_samplers_engine(workspace):
+    """The same cell with the same public randomness by both engines: the same sigma, q, steps and epsilon, and
+    val AUROCs within each other's bootstrap CI (the engines differ only by float rounding)."""
+    store = open_site(Path("artifacts/prepare") / PRIVATE.name)
+    rows, meta = store.split("val")
+    labels = meta[list(LABELS)].to_numpy()
+    results = {}
+    for engine in ("samplers", "bk"):
+        p = params("train.epsilon=8", "train.reproducible=true", f"train.engine={engine}")
+        train(p)
+        out = Path("artifacts/train") / p.train.cell
+        record = json.loads((out / "privacy.json").read_text())
+        assert record["engine"] == engine
+        model, _ = load_model(out)
+        results[engine] = record, predict(model, store.images[rows])
+    (samplers, scores), (bk, bk_scores) = results["samplers"], results["bk"]
+    for key in ("noise_multiplier", "sample_rate", "steps", "epsilon", "history"):
+        assert bk[key] == samplers[key], key
+    resampled = [mean_auroc(labels[i], scores[i]) for i in bootstrap_indices(len(labels), 200, seed=0)]
+    low, high = np.nanpercentile(resampled, [2.5, 97.5])
+    assert low <= mean_auroc(labels, bk_scores) <= high
+    assert mean_auroc(labels, bk_scores) == pytest.approx(mean_auroc(labels, scores), abs=0.02)
 
 
 def test_delta_must_be_below_one_over_n(workspace):
