@@ -74,9 +74,8 @@ def depthwise_weight_grad(layer: nn.Conv2d, x: torch.Tensor, g: torch.Tensor) ->
     n, c, h_out, w_out = g.shape
     if n == 0:          # an empty Poisson batch (a convolution cannot have zero groups)
         return g.new_zeros(0, c, 1, kh, kw)
-    x = F.pad(x, (pw, pw, ph, ph))
-    grad = F.conv2d(x.reshape(1, n * c, *x.shape[2:]), g.reshape(n * c, 1, h_out, w_out), stride=(dh, dw),
-                    dilation=(sh, sw), groups=n * c)
+    grad = F.conv2d(x.reshape(1, n * c, *x.shape[2:]), g.reshape(n * c, 1, h_out, w_out), padding=(ph, pw),
+                    stride=(dh, dw), dilation=(sh, sw), groups=n * c)
     return grad[:, :, :kh, :kw].reshape(n, c, 1, kh, kw)
 
 
