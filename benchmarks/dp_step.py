@@ -168,7 +168,7 @@ def layer_routes(size: int, batch: int = 32, repeats: int = 3) -> list[dict[str,
     weights = torch.rand(batch, dtype=torch.float64)
     rows = []
     for layer in book.layers:
-        if book_keeping._kind(layer.module) not in ("linear", "conv"):
+        if layer.kind not in ("linear", "conv"):
             continue
         module, record = layer.module, layer.passes[0]
         a, g = book_keeping._tokens(module, record.activation, record.grad)

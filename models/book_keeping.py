@@ -23,17 +23,16 @@ queue are Opacus' own; the clip factors are ``BoundedClipDPOptimizer``'s (float6
 from __future__ import annotations
 
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from opacus.optimizers.optimizer import _mark_as_processed
 from timm.layers import LayerNorm2d
 from torch import nn
 
 from models.per_sample import depthwise_weight_grad
-from models.privacy import BoundedClipDPOptimizer, clip_factors
+from models.privacy import BoundedClipDPOptimizer
 
 
 def prefers_ghost(tokens: int, fan_in: int, fan_out: int) -> bool:
@@ -61,6 +60,7 @@ class _Pass:
 @dataclass
 class _Layer:
     module: nn.Module
+    kind: str
     passes: list[_Pass] = field(default_factory=list)
 
     def parameters(self) -> Iterator[nn.Parameter]:
@@ -81,12 +81,13 @@ class BookKeeping:
             own = [p.requires_grad for p in module.parameters(recurse=False)]
             if not any(own):
                 continue
-            forward = _forward_for(module)
-            if forward is None or not all(own):
+            kind = _kind(module)
+            if kind is None or not all(own):
                 raise ValueError(f"the book-keeping engine has no rule for {name or 'the model'} "
-                                 f"({type(module).__name__}{', partly frozen' if forward else ''}); "
+                                 f"({type(module).__name__}{', partly frozen' if kind else ''}); "
                                  f"use train.engine: samplers")
-            layer = _Layer(module)
+            layer = _Layer(module, kind)
+            forward = _FORWARDS[kind]
             module.forward = types.MethodType(lambda m, x, _f=forward, _l=layer: _f(m, x, _l), module)
             self.layers.append(layer)
 
@@ -109,12 +110,13 @@ class BookKeeping:
                                "the book-keeping engine cannot attribute its gradients to examples")
         return counts.pop()
 
-    def clipped_sums(self, max_grad_norm: float, loss_scale: bool) -> tuple[dict[nn.Parameter, torch.Tensor],
-                                                                             list[torch.Tensor]]:
+    def clipped_sums(self, factors: Callable[[torch.Tensor], torch.Tensor], loss_scale: bool
+                     ) -> tuple[dict[nn.Parameter, torch.Tensor], list[torch.Tensor]]:
         """The clipped per-sample gradient sums of every recorded pass, and each pass's squared norms.
 
         Args:
-            max_grad_norm: the clipping bound C.
+            factors: each example's clip factor (float64) from its squared norm: the optimizer's own
+                ``clip_factors`` at its bound.
             loss_scale: the loss was a mean over the pass's examples (Opacus' ``loss_reduction="mean"``): each
                 example's gradient is the recorded one times the pass's batch size.
 
@@ -135,11 +137,11 @@ class BookKeeping:
             norms = torch.zeros(n, dtype=torch.float64)
             plans = []
             for layer, record in zip(self.layers, records, strict=True):
-                squared, finish = _LAYER_RULES[_kind(layer.module)](layer.module, record.activation, record.grad)
+                squared, finish = _LAYER_RULES[layer.kind](layer.module, record.activation, record.grad)
                 norms += squared
                 plans.append((layer, finish))
             norms *= scale * scale
-            weights = clip_factors(norms, max_grad_norm) * scale
+            weights = factors(norms) * scale
             for layer, finish in plans:
                 for p, total in zip(layer.parameters(), finish(weights), strict=True):
                     sums[p] = total if p not in sums else sums[p] + total
@@ -152,9 +154,9 @@ class BookKeepingDPOptimizer(BoundedClipDPOptimizer):
     """Opacus' DPOptimizer whose clipped sums come from ``BookKeeping`` instead of per-sample gradients.
 
     ``book`` is set by ``models.privacy.make_private``; without it (the audit's shadow clipper) per-sample
-    gradients handed over in ``p.grad_sample`` are clipped with the same factors. Noise, scaling, the skip queue of
-    ``BatchMemoryManager`` and the accountant hook are Opacus'; ``accumulated_iterations`` counts the passes the
-    last clipping summed.
+    gradients handed over in ``p.grad_sample`` are clipped as ``BoundedClipDPOptimizer`` does; both paths take
+    their factors from ``clip_factors``. Noise, scaling, the skip queue of ``BatchMemoryManager`` and the
+    accountant hook are Opacus'; ``accumulated_iterations`` counts the passes the last clipping summed.
     """
 
     book: BookKeeping
@@ -163,13 +165,10 @@ class BookKeepingDPOptimizer(BoundedClipDPOptimizer):
     def clip_and_accumulate(self) -> None:
         """Adds the clipped sums of the recorded passes to ``p.summed_grad`` (zeros when none was recorded)."""
         if getattr(self, "book", None) is None:     # per-sample gradients handed over directly (audit canaries)
-            weights = clip_factors(sum(_squared(g) for g in self.grad_samples), self.max_grad_norm)
-            for p in self.params:
-                grad = _weighted(weights, self._get_flat_grad_sample(p))
-                p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
-                _mark_as_processed(p.grad_sample)
+            super().clip_and_accumulate()
             return
-        sums, norms = self.book.clipped_sums(self.max_grad_norm, loss_scale=self.loss_reduction == "mean")
+        sums, norms = self.book.clipped_sums(lambda squared: self.clip_factors(squared, self.max_grad_norm),
+                                             loss_scale=self.loss_reduction == "mean")
         self._summed_passes = len(norms)
         for p in self.params:
             grad = sums.get(p)
@@ -249,30 +248,24 @@ def _layer_norm_2d_forward(module: LayerNorm2d, x: torch.Tensor, layer: _Layer) 
     return out.permute(0, 3, 1, 2)
 
 
-def _kind(module: nn.Module) -> str:
+def _kind(module: nn.Module) -> str | None:
+    """The engine's rule for a layer: linear, conv (dense), depthwise or layer_norm; None when it has none."""
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Conv2d):
-        depthwise = module.groups == module.in_channels == module.out_channels and module.groups > 1
-        return "depthwise" if depthwise else "conv"
-    if isinstance(module, nn.LayerNorm) and module.elementwise_affine and module.bias is not None:
-        return "layer_norm"      # LayerNorm2d (channels first) records its permuted, channels-last input too
-    raise KeyError(type(module).__name__)
-
-
-def _forward_for(module: nn.Module) -> object | None:
-    if isinstance(module, nn.Conv2d):
-        if module.padding_mode != "zeros" or isinstance(module.padding, str) or not (
-                module.groups == 1 or _kind(module) == "depthwise"):
+        if module.padding_mode != "zeros" or isinstance(module.padding, str):
             return None
-        return _conv_forward
-    if isinstance(module, LayerNorm2d):
-        return _layer_norm_2d_forward if module.bias is not None else None
-    if isinstance(module, nn.LayerNorm):
-        return _layer_norm_forward if module.elementwise_affine and module.bias is not None else None
-    if isinstance(module, nn.Linear):
-        return _linear_forward
+        if module.groups == 1:
+            return "conv"
+        return "depthwise" if module.groups == module.in_channels == module.out_channels else None
+    if isinstance(module, nn.LayerNorm) and module.elementwise_affine and module.bias is not None:
+        # timm's LayerNorm2d (channels first) is an nn.LayerNorm too: it records its channels-last view
+        return "layer_norm_2d" if isinstance(module, LayerNorm2d) else "layer_norm"
     return None
+
+
+_FORWARDS = {"linear": _linear_forward, "conv": _conv_forward, "depthwise": _conv_forward,
+             "layer_norm": _layer_norm_forward, "layer_norm_2d": _layer_norm_2d_forward}
 
 
 # --- per layer kind: (squared norms (n,) float64, finish(weights) -> clipped sums per parameter) ---------------------
@@ -353,7 +346,7 @@ def _materialised(per_sample: list[torch.Tensor]) -> tuple[torch.Tensor | float,
 
 
 _LAYER_RULES = {"linear": _dense_rule, "conv": _dense_rule, "depthwise": _depthwise_rule,
-                "layer_norm": _layer_norm_rule}
+                "layer_norm": _layer_norm_rule, "layer_norm_2d": _layer_norm_rule}
 
 
 def max_relative_error(model: nn.Module, images: torch.Tensor, targets: torch.Tensor) -> float:
@@ -382,12 +375,13 @@ def max_relative_error(model: nn.Module, images: torch.Tensor, targets: torch.Te
     model.zero_grad(set_to_none=True)
     norms = torch.stack([sum(grad.pow(2).sum() for grad in grads) for grads in reference]).sqrt()
     bound = float(norms.median())
-    factors = clip_factors(norms**2, bound)
+    factors = BoundedClipDPOptimizer.clip_factors(norms**2, bound)
     expected = [sum(factors[i] * reference[i][k] for i in range(len(images))) for k in range(len(params))]
     book = BookKeeping(model)
     try:
         loss_fn(model(images), targets).backward()
-        sums, squared = book.clipped_sums(bound, loss_scale=False)
+        sums, squared = book.clipped_sums(lambda squared: BoundedClipDPOptimizer.clip_factors(squared, bound),
+                                          loss_scale=False)
     finally:
         book.close()
         model.zero_grad(set_to_none=True)

@@ -66,23 +66,23 @@ class BoundedClipDPOptimizer(DPOptimizer):
         else:
             norms = torch.stack([torch.linalg.vector_norm(g.reshape(len(g), -1), dim=1) for g in self.grad_samples],
                                 dim=1).double()
-            factor = clip_factors(norms.pow(2).sum(dim=1), self.max_grad_norm)
+            factor = self.clip_factors(norms.pow(2).sum(dim=1), self.max_grad_norm)
         for p in self.params:
             grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
             grad = torch.einsum("i,i...", factor.to(device=grad_sample.device, dtype=p.dtype), grad_sample)
             p.summed_grad = grad if p.summed_grad is None else p.summed_grad + grad
             _mark_as_processed(p.grad_sample)
 
+    @staticmethod
+    def clip_factors(squared_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
+        """Per-example clip factors ``min(1, C / norm)`` in float64, shrunk by ``SAFETY`` (both engines use these).
 
-def clip_factors(squared_norms: torch.Tensor, max_grad_norm: float) -> torch.Tensor:
-    """Per-example clip factors ``min(1, C / norm)`` in float64, shrunk by ``BoundedClipDPOptimizer.SAFETY``.
-
-    Args:
-        squared_norms: each example's squared gradient norm over all parameters (float64).
-        max_grad_norm: the clipping bound C.
-    """
-    norms = squared_norms.double().sqrt().clamp_min(1e-30)
-    return (max_grad_norm / norms).clamp(max=1.0) * BoundedClipDPOptimizer.SAFETY
+        Args:
+            squared_norms: each example's squared gradient norm over all parameters (float64).
+            max_grad_norm: the clipping bound C.
+        """
+        norms = squared_norms.double().sqrt().clamp_min(1e-30)
+        return (max_grad_norm / norms).clamp(max=1.0) * BoundedClipDPOptimizer.SAFETY
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from torch import nn
 from models import book_keeping
 from models.book_keeping import BookKeeping, BookKeepingDPOptimizer, max_relative_error
 from models.convnext import create_model
+from models.privacy import BoundedClipDPOptimizer
 
 EXACT = 1e-5
 
@@ -46,7 +47,8 @@ def test_the_self_check_catches_a_wrong_rule(monkeypatch):
         squared, finish = rule(module, normalized, g)
         return squared, lambda weights: [finish(weights)[0], torch.zeros_like(module.bias)]
 
-    monkeypatch.setitem(book_keeping._LAYER_RULES, "layer_norm", no_bias)
+    for kind in ("layer_norm", "layer_norm_2d"):
+        monkeypatch.setitem(book_keeping._LAYER_RULES, kind, no_bias)
     torch.manual_seed(0)
     assert max_relative_error(create_model("atto"), *batch()) > 0.1
 
@@ -54,7 +56,7 @@ def test_the_self_check_catches_a_wrong_rule(monkeypatch):
 def one_example_clipped_sum(model, book, x, y, clip, loss_scale):
     """The engine's clipped sum for a single example (then the sum *is* that example's clipped gradient)."""
     nn.functional.binary_cross_entropy_with_logits(loss_scale * model(x), y, reduction="sum").backward()
-    sums, squared = book.clipped_sums(clip, loss_scale=False)
+    sums, squared = book.clipped_sums(lambda norms: BoundedClipDPOptimizer.clip_factors(norms, clip), loss_scale=False)
     return torch.sqrt(sum((total.double() ** 2).sum() for total in sums.values())), float(squared[0].sqrt())
 
 
@@ -114,8 +116,6 @@ def test_a_mean_loss_gives_the_samplers_engines_clipped_sums(clip):
     """Opacus' loss_reduction="mean": each example's gradient is the recorded one times the batch size, clipped or
     not (with C = 1e6 nothing is clipped, so a wrong scale would show)."""
     from opacus import GradSampleModule
-
-    from models.privacy import BoundedClipDPOptimizer
 
     x, y = batch(n=5)
     summed = {}
