@@ -32,7 +32,7 @@ from timm.layers import LayerNorm2d
 from torch import nn
 
 from models.per_sample import depthwise_weight_grad
-from models.privacy import BoundedClipDPOptimizer
+from models.privacy import BoundedClipDPOptimizer, DistributedBoundedClipDPOptimizer
 
 
 def prefers_ghost(tokens: int, fan_in: int, fan_out: int) -> bool:
@@ -199,6 +199,10 @@ class BookKeepingDPOptimizer(BoundedClipDPOptimizer):
         super().zero_grad(set_to_none)
         if getattr(self, "book", None) is not None:
             self.book.clear()
+
+
+class DistributedBookKeepingDPOptimizer(BookKeepingDPOptimizer, DistributedBoundedClipDPOptimizer):
+    """``BookKeepingDPOptimizer`` in a process group: its clipped sums, Opacus' distributed noise and all-reduce."""
 
 
 # --- the layers' recording forwards -------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch
 from timm.models.convnext import ConvNeXt, ConvNeXtBlock
 from torch import nn
 
+from models.device import model_device
 from models.labels import LABELS
 
 SIZES = ("micro", "atto", "femto", "pico", "nano", "tiny", "small", "base")
@@ -105,9 +106,11 @@ def _batched(forward: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, 
              batch_size: int) -> np.ndarray:
     was_training = model.training
     model.eval()
+    device = model_device(model)
     out = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
-            out.append(forward(normalize(torch.from_numpy(np.asarray(images[start:start + batch_size])))).numpy())
+            batch = torch.from_numpy(np.asarray(images[start:start + batch_size])).to(device)
+            out.append(forward(normalize(batch)).float().cpu().numpy())
     model.train(was_training)
     return np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import secrets
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -26,8 +27,10 @@ import opacus
 import torch
 from opacus import PrivacyEngine
 from opacus.accountants import RDPAccountant, create_accountant
-from opacus.optimizers import DPOptimizer
+from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.optimizers.optimizer import _mark_as_processed
+from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -85,6 +88,36 @@ class BoundedClipDPOptimizer(DPOptimizer):
         return (max_grad_norm / norms).clamp(max=1.0) * BoundedClipDPOptimizer.SAFETY
 
 
+class DistributedBoundedClipDPOptimizer(BoundedClipDPOptimizer, DistributedDPOptimizer):
+    """``BoundedClipDPOptimizer`` in a process group: Opacus' ``DistributedDPOptimizer`` noise and all-reduce.
+
+    Each process clips and sums its own examples; rank 0 alone adds the noise (N(0, sigma^2 C^2) on its sum),
+    each scales by its share of the expected batch (B / world size), and the all-reduce averages: the update is
+    (sum of every clipped gradient + one noise draw) / B, exactly the single-process update.
+    """
+
+
+class EveryStepSampler(DistributedUniformWithReplacementSampler):
+    """Opacus' distributed Poisson sampler, yielding an empty batch when a rank draws no example.
+
+    Opacus' sampler skips a rank's empty draw, so that rank would take fewer logical steps than the others: its
+    all-reduce would pair with another step's, or wait forever at the end. Here every rank yields exactly
+    ``num_batches`` batches per epoch, empty or not (an empty one contributes a zero sum, and rank 0 its noise).
+    """
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """Each rank's Poisson draw over its shard at the global rate q, one per logical step."""
+        if self.shuffle:
+            order = torch.randperm(self.total_size, generator=torch.Generator().manual_seed(
+                self.shuffle_seed + self.epoch))
+        else:
+            order = torch.arange(self.total_size)
+        # The shard is public (a function of the index only); the draw inside it is this rank's secret.
+        shard = order[self.rank:self.total_size:self.num_replicas]
+        for _ in range(self.num_batches):
+            yield shard[torch.rand(self.num_samples, generator=self.generator) < self.sample_rate]
+
+
 @dataclass(frozen=True)
 class PrivateTraining:
     """The private model, optimizer and Poisson loader, and the parameters that define the guarantee."""
@@ -126,23 +159,26 @@ class Randomness:
     only in this constructor: it is never logged, printed, checkpointed or stored, and a resumed run draws a new
     one. ``public`` (``train.reproducible``): the same generators seeded from ``train.seed``, so a run can be
     repeated exactly; such a model has no DP guarantee against anyone who knows the seed (the config, the cell
-    name and MLflow all show it).
+    name and MLflow all show it). Each training process has its own: the ranks' Poisson draws over their shards
+    must be independent (a public seed is extended by the rank), and only rank 0's noise generator is used.
+    The noise generator lives on the device the gradients are on (torch draws CUDA noise from a CUDA generator).
     """
 
-    def __init__(self, seed: bytes, kind: str) -> None:
+    def __init__(self, seed: bytes, kind: str, device: torch.device | str = "cpu") -> None:
         self.kind = kind
-        self.sampling, self.noise, self.canaries = (_derived_generator(seed, purpose) for purpose in (
-            b"poisson-sampling", b"noise", b"audit-canaries"))
+        self.sampling, self.canaries = (_derived_generator(seed, purpose) for purpose in (
+            b"poisson-sampling", b"audit-canaries"))
+        self.noise = _derived_generator(seed, b"noise", torch.device(device))
 
     @classmethod
-    def secret(cls) -> Randomness:
-        """Fresh secret randomness for one run."""
-        return cls(secrets.token_bytes(32), "secret")
+    def secret(cls, device: torch.device | str = "cpu") -> Randomness:
+        """Fresh secret randomness for one run (one process of it)."""
+        return cls(secrets.token_bytes(32), "secret", device)
 
     @classmethod
-    def public(cls, seed: int) -> Randomness:
+    def public(cls, seed: int, rank: int = 0, device: torch.device | str = "cpu") -> Randomness:
         """Reproducible randomness from a known seed (no guarantee against whoever knows it)."""
-        return cls(str(seed).encode(), "public")
+        return cls(str(seed).encode() + (f"/rank-{rank}".encode() if rank else b""), "public", device)
 
     def describe(self) -> dict[str, str]:
         """What the privacy record and the model card say about it."""
@@ -153,8 +189,9 @@ class Randomness:
                                    f"seeded by SHA-256 from {source}"}
 
 
-def _derived_generator(seed: bytes, purpose: bytes) -> torch.Generator:
-    return torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(seed + purpose).digest()[:8], "big"))
+def _derived_generator(seed: bytes, purpose: bytes, device: torch.device | None = None) -> torch.Generator:
+    generator = torch.Generator(device=device or torch.device("cpu"))
+    return generator.manual_seed(int.from_bytes(hashlib.sha256(seed + purpose).digest()[:8], "big"))
 
 
 def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Dataset, *, mechanism: Mechanism,
@@ -166,27 +203,38 @@ def make_private(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Da
     per-sample gradient with the exact samplers of ``models.per_sample``) or ``bk`` (``models.book_keeping``: no
     parameter gradient from autograd, ghost norms where cheaper, the clipped sum from the records).
 
+    In a ``torch.distributed`` process group (``torchrun``) the model is wrapped in Opacus' ``DPDDP`` (rank 0's
+    weights broadcast to all), so Opacus builds its distributed Poisson loader (each rank samples its shard at the
+    global rate q; here it never skips a step, see ``EveryStepSampler``) and its ``DistributedDPOptimizer`` (noise
+    once, on rank 0; gradients averaged). sigma, q, the steps and so epsilon are those of one process.
+
     Raises:
         PrivacyCheckError: the loader does not sample by Poisson at the planned rate.
     """
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     privacy_engine = PrivacyEngine(accountant=accountant, secure_mode=False)
     # The DataLoader's generator becomes the Poisson sampler's; the noise has its own.
-    loader = DataLoader(dataset, batch_size=min(logical_batch, len(dataset)), generator=randomness.sampling)
+    loader = DataLoader(dataset, batch_size=min(logical_batch, len(dataset)), generator=randomness.sampling,
+                        pin_memory=randomness.noise.device.type == "cuda")
     private_model, private_optimizer, private_loader = privacy_engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=mechanism.noise_multiplier,
-        max_grad_norm=max_grad_norm, poisson_sampling=True, grad_sample_mode="hooks", noise_generator=randomness.noise)
+        module=DPDDP(model) if distributed else model, optimizer=optimizer, data_loader=loader,
+        noise_multiplier=mechanism.noise_multiplier, max_grad_norm=max_grad_norm, poisson_sampling=True,
+        grad_sample_mode="hooks", noise_generator=randomness.noise)
     # Same object, same Opacus wiring (accountant hook, noise, skip queue); only the clipping is replaced.
-    private_optimizer.__class__ = BoundedClipDPOptimizer
+    private_optimizer.__class__ = DistributedBoundedClipDPOptimizer if distributed else BoundedClipDPOptimizer
     if engine == "bk":
-        from models.book_keeping import BookKeeping, BookKeepingDPOptimizer  # it builds on this module
+        from models.book_keeping import BookKeeping, BookKeepingDPOptimizer, DistributedBookKeepingDPOptimizer
 
         private_model.remove_hooks()        # no per-sample gradients: the book-keeping records replace them
-        private_optimizer.__class__ = BookKeepingDPOptimizer
-        private_optimizer.book = BookKeeping(private_model._module)
+        private_optimizer.__class__ = DistributedBookKeepingDPOptimizer if distributed else BookKeepingDPOptimizer
+        private_optimizer.book = BookKeeping(model)
     elif engine != "samplers":
         raise ValueError(f"unknown DP engine {engine!r}; use samplers or bk")
     sampler = private_loader.batch_sampler
-    if not isinstance(sampler, opacus.utils.uniform_sampler.UniformWithReplacementSampler):
+    if distributed and type(sampler) is DistributedUniformWithReplacementSampler:
+        sampler.__class__ = EveryStepSampler
+    expected = EveryStepSampler if distributed else opacus.utils.uniform_sampler.UniformWithReplacementSampler
+    if type(sampler) is not expected:
         raise PrivacyCheckError(f"the training loader samples with {type(sampler).__name__}, not Poisson sampling")
     if (sampler.sample_rate != mechanism.sample_rate or sampler.generator is not randomness.sampling
             or private_optimizer.generator is not randomness.noise):
@@ -386,6 +434,7 @@ class PrivacyRecord:
     data_set_epsilon: float
     init: dict[str, str]
     engine: str             # how the clipped sums were made (samplers | bk; none without DP): same guarantee
+    processes: int          # how many processes trained (torchrun, Opacus DPDDP): same guarantee
 
     def to_json(self) -> str:
         """JSON with infinities written as the string ``"inf"``."""

@@ -68,6 +68,7 @@ class Base(Section):
     seed: int
     image_size: int = Field(ge=16)
     artifacts: str
+    device: Literal["auto", "cpu", "cuda"]
 
 
 class Synthetic(Section):
@@ -199,6 +200,7 @@ class Train(Section):
     logical_batch: Positive
     physical_batch: Positive
     engine: Literal["samplers", "bk"]
+    processes: Positive
     augment: bool
     self_check_images: Positive
     reproducible: bool
@@ -354,6 +356,17 @@ class Params(Section):
     def for_cell(self, train: Train) -> Params:
         """This configuration with ``train`` as the cell to train."""
         return self.model_copy(update={"train": train})
+
+
+def dump_params(params: Params) -> str:
+    """The resolved configuration, overrides included, as params.yaml text that ``load_params`` reads back as equal.
+
+    A stage hands it to the processes it starts.
+    """
+    raw = params.model_dump()
+    raw["grid"].update(epsilons=[epsilon_text(e) for e in params.grid.epsilons],
+                       data_fractions=[fraction_text(f) for f in params.grid.data_fractions])
+    return yaml.safe_dump(raw, sort_keys=False)
 
 
 def load_params(path: Path = PARAMS_FILE, overrides: list[str] | tuple[str, ...] = ()) -> Params:

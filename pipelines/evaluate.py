@@ -44,7 +44,7 @@ from pipelines.metrics import (
     threshold_metrics,
     youden_threshold,
 )
-from pipelines.stage import run_stage
+from pipelines.stage import compute_device, run_stage
 from pipelines.tracking import cell_run_id, stage_run
 
 STAGE = "evaluate"
@@ -60,6 +60,7 @@ def evaluate(params: Params) -> dict[str, object]:
         The cross-site matrix (mean AUROC by cell and site).
     """
     e = params.evaluate
+    device = compute_device(params)
     cells = trained_cells(params)
     prepared = Path(params.base.artifacts) / "prepare"
     private = params.private_site()
@@ -71,7 +72,7 @@ def evaluate(params: Params) -> dict[str, object]:
     results, fairness, per_resample, scores, thresholds = [], [], {}, {}, {}
     with atomic_folder(Path(params.base.artifacts) / STAGE) as out:
         for cell in cells:
-            model, _ = load_model(cell.folder)
+            model = load_model(cell.folder)[0].to(device)
             val_scores = predict(model, val_images)
             thresholds[cell.name] = np.array([youden_threshold(val_labels[:, k], val_scores[:, k])[0]
                                               for k in range(len(LABELS))])

@@ -33,6 +33,7 @@ from torch import nn
 from tqdm import tqdm
 
 from models.convnext import predict
+from models.device import model_device
 from models.initialization import initialize
 from models.weights import ModelSpec, load_model, save_model
 from pipelines.cells import pretrained_name
@@ -45,7 +46,7 @@ from pipelines.data.store import SiteStore, open_site
 from pipelines.metrics import mean_auroc
 from pipelines.probe import linear_probe
 from pipelines.self_supervised import SelfSupervised, UnlabeledViews
-from pipelines.stage import StageError, run_stage
+from pipelines.stage import StageError, compute_device, run_stage
 from pipelines.tracking import data_version, stage_run
 
 STAGE = "pretrain"
@@ -61,6 +62,7 @@ def pretrain(params: Params, resume: bool = False) -> list[dict[str, object]]:
     Returns:
         Per model: its method, size, metrics (the linear probe's among them) and registered version.
     """
+    device = compute_device(params)
     site = params.public_site()
     store = open_site(Path(params.base.artifacts) / "prepare" / site)
     for split in ("train", "val", "test"):
@@ -71,7 +73,7 @@ def pretrain(params: Params, resume: bool = False) -> list[dict[str, object]]:
         raise StageError(f"the public source {site} has no label column {missing[0]}: the supervised method learns "
                          f"its labels; pretrain it with pretrain.methods: [ssl], which needs none")
     methods = {"supervised": _supervised, "ssl": _self_supervised}
-    return [_pretrain_one(params, store, site, method, size, methods[method], resume)
+    return [_pretrain_one(params, store, site, method, size, methods[method], resume, device)
             for method in params.pretrain.methods for size in params.pretrain.models]
 
 
@@ -80,7 +82,7 @@ Fit = Callable[[Params, SiteStore, nn.Module, ModelSpec, Path, bool],
 
 
 def _pretrain_one(params: Params, store: SiteStore, site: str, method: str, size: str, fit: Fit,
-                  resume: bool) -> dict[str, object]:
+                  resume: bool, device: torch.device) -> dict[str, object]:
     """Trains one model with ``fit`` under its own MLflow run, then records, probes and registers it."""
     import mlflow
 
@@ -94,6 +96,7 @@ def _pretrain_one(params: Params, store: SiteStore, site: str, method: str, size
     out.mkdir(parents=True, exist_ok=True)
     origin, version_of_data = init_origin(params), data_version()
     initialized = initialize(p.init, size, params.base.seed)
+    initialized.model.to(device)
     spec = ModelSpec(size=size, image_size=params.base.image_size,
                      init={**initialized.provenance, "pretrained_on": site, "pretrain_method": method,
                            "pretrain_data_version": version_of_data})
@@ -139,7 +142,9 @@ def _supervised(params: Params, store: SiteStore, model: nn.Module, spec: ModelS
     val_images, val_labels = np.asarray(store.images[val_rows]), val_meta[list(LABELS)].to_numpy()
     optimizer = torch.optim.AdamW(model.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     generator = torch.Generator().manual_seed(params.base.seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=p.batch, shuffle=True, generator=generator)
+    device = model_device(model)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=p.batch, shuffle=True, generator=generator,
+                                         pin_memory=device.type == "cuda")
     state = _resumed(out, model, optimizer, generator, resume,
                      {"epoch": 0, "best_auroc": float("-inf"), "best_epoch": 0, "history": []})
     for epoch in range(state["epoch"] + 1, p.epochs + 1):
@@ -147,6 +152,7 @@ def _supervised(params: Params, store: SiteStore, model: nn.Module, spec: ModelS
         loss_sum = 0.0
         for x, y in tqdm(loader, desc=f"pretrain {spec.size} epoch {epoch}/{p.epochs}", unit="batch",
                          file=sys.stderr, mininterval=1.0):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             optimizer.zero_grad()
             loss = nn.functional.binary_cross_entropy_with_logits(model(x), y, reduction="none").sum(dim=1).mean()
             loss.backward()
@@ -164,7 +170,7 @@ def _supervised(params: Params, store: SiteStore, model: nn.Module, spec: ModelS
         state["epoch"] = epoch
         save_checkpoint(out / CHECKPOINT, model, optimizer, {**state, "generator": generator.get_state().tolist()})
 
-    best, _ = load_model(out)
+    best = load_model(out)[0].to(device)
     test_rows, test_meta = store.split("test")
     test_scores = predict(best, np.asarray(store.images[test_rows]))
     test_labels = test_meta[list(LABELS)].to_numpy()
@@ -182,14 +188,15 @@ def _self_supervised(params: Params, store: SiteStore, model: nn.Module, spec: M
 
     s = params.pretrain.ssl
     rows, _ = store.split("train")
-    learner = SelfSupervised(model, s.method)
+    device = model_device(model)
+    learner = SelfSupervised(model, s.method).to(device)
     dataset = UnlabeledViews(store.images, rows, params.base.image_size, s.min_scale)
     optimizer = torch.optim.AdamW([w for w in learner.parameters() if w.requires_grad], lr=s.lr,
                                   weight_decay=params.pretrain.weight_decay)
     generator = torch.Generator().manual_seed(params.base.seed)
     # Contrastive and variance terms need full batches: a last batch of a few images would dominate its step.
     loader = torch.utils.data.DataLoader(dataset, batch_size=s.batch, shuffle=True, generator=generator,
-                                         drop_last=len(dataset) > s.batch)
+                                         drop_last=len(dataset) > s.batch, pin_memory=device.type == "cuda")
     state = _resumed(out, learner, optimizer, generator, resume, {"epoch": 0, "history": []})
     total_steps, step = s.epochs * len(loader), state["epoch"] * len(loader)
     for epoch in range(state["epoch"] + 1, s.epochs + 1):
@@ -197,7 +204,7 @@ def _self_supervised(params: Params, store: SiteStore, model: nn.Module, spec: M
         loss_sum, seen = 0.0, 0
         for first, second in tqdm(loader, desc=f"pretrain ssl-{spec.size} epoch {epoch}/{s.epochs}", unit="batch",
                                   file=sys.stderr, mininterval=1.0):
-            loss = learner.loss(first, second)
+            loss = learner.loss(first.to(device, non_blocking=True), second.to(device, non_blocking=True))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

@@ -15,6 +15,7 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 
 from models.convnext import create_model, embed
+from models.device import model_device
 from models.labels import LABELS
 from pipelines.data.store import SiteStore
 from pipelines.metrics import auroc_matrix, bootstrap_indices, paired_p_value, percentile_ci, resample_counts
@@ -47,7 +48,7 @@ def linear_probe(model: nn.Module, size: str, store: SiteStore, seed: int) -> di
 
     torch.manual_seed(seed)
     scores = {name: _fit_and_score(embed(network, train_images), train_labels, embed(network, test_images))
-              for name, network in (("pretrained", model), ("random", create_model(size)))}
+              for name, network in (("pretrained", model), ("random", create_model(size).to(model_device(model))))}
     counts = resample_counts(bootstrap_indices(len(test_labels), RESAMPLES, seed), len(test_labels))
     point = {name: float(np.nanmean(auroc_matrix(test_labels, s)[0])) for name, s in scores.items()}
     resampled = {name: np.nanmean(auroc_matrix(test_labels, s, counts), axis=1) for name, s in scores.items()}

@@ -7,12 +7,30 @@ import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from pipelines.config import PARAMS_FILE, ConfigError, load_params
+from pipelines.config import PARAMS_FILE, ConfigError, Params, load_params
+
+if TYPE_CHECKING:
+    import torch
 
 
 class StageError(RuntimeError):
     """A stage cannot do its work for a reason the user can fix; the message says what and how."""
+
+
+def compute_device(params: Params) -> torch.device:
+    """Where the stage computes: ``base.device`` on this machine (``models.device.resolve_device``).
+
+    Raises:
+        StageError: ``cuda`` without a CUDA device.
+    """
+    from models.device import DeviceError, resolve_device  # torch: only the stages that compute import it
+
+    try:
+        return resolve_device(params.base.device)
+    except DeviceError as error:
+        raise StageError(str(error)) from None
 
 
 class SetKey(argparse.Action):

@@ -37,12 +37,30 @@ def git_commit() -> str:
         return "unknown"
 
 
+# The MLflow run a process's stage runs are children of, when another process opened it (the study's, for a
+# grid cell trained under torchrun).
+PARENT_RUN_ENV = "DP_CXR_PARENT_RUN_ID"
+
+
+def child_process_env() -> dict[str, str]:
+    """The environment for a process that runs a stage inside this process's active MLflow run (if any)."""
+    import mlflow
+
+    env = dict(os.environ)
+    active = mlflow.active_run()
+    if active is not None:
+        env.pop("MLFLOW_RUN_ID", None)          # the child opens its own run, under the active one
+        env[PARENT_RUN_ENV] = active.info.run_id
+    return env
+
+
 @contextmanager
 def stage_run(stage: str, name: str | None = None) -> Iterator[object]:
     """Opens the MLflow run of a stage, tagged with lineage.
 
     Inside ``mlflow run`` it attaches to the run MLflow made (``MLFLOW_RUN_ID``); inside another active run (the
-    ``main`` entry point's) it is a child run; otherwise a new run in the ``dp-cxr`` experiment.
+    ``main`` entry point's), or in a process that run started (``PARENT_RUN_ENV``: a cell trained under
+    torchrun), it is a child run; otherwise a new run in the ``dp-cxr`` experiment.
 
     Args:
         stage: the stage name (the ``dp_cxr.stage`` tag).
@@ -55,9 +73,14 @@ def stage_run(stage: str, name: str | None = None) -> Iterator[object]:
 
     mlflow.set_tracking_uri(tracking_uri())
     parent = mlflow.active_run()
-    if parent is None and "MLFLOW_RUN_ID" not in os.environ:
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
-    extra = {"nested": True, "experiment_id": parent.info.experiment_id} if parent else {}
+    parent_id = os.environ.get(PARENT_RUN_ENV) if parent is None else None
+    if parent_id:
+        extra = {"experiment_id": mlflow.get_run(parent_id).info.experiment_id,
+                 "tags": {"mlflow.parentRunId": parent_id}}
+    else:
+        if parent is None and "MLFLOW_RUN_ID" not in os.environ:
+            mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+        extra = {"nested": True, "experiment_id": parent.info.experiment_id} if parent else {}
     with mlflow.start_run(run_name=name or stage, **extra) as run:
         mlflow.set_tags({"dp_cxr.stage": stage, "git_commit": git_commit(), "data_version": data_version()})
         yield run

@@ -27,7 +27,7 @@ import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +65,8 @@ from pipelines.data.source import SOURCE, SourceOverlapError, refuse_overlap, we
 from pipelines.data.splits import patient_unit_interval
 from pipelines.data.store import METADATA, SiteStore, open_site
 from pipelines.metrics import mean_auroc
-from pipelines.stage import StageError
+from pipelines.processes import Processes, from_main, share_training_state
+from pipelines.stage import StageError, compute_device
 from pipelines.tracking import close_abandoned_runs, data_version, flatten, stage_run
 
 # Opacus' hooks on the first layer (whose input needs no gradient) trigger this torch warning every step.
@@ -87,7 +88,8 @@ class Canaries:
     inputs: int
 
 
-def run_training(params: Params, resume: bool = False, canaries: Canaries | None = None) -> dict[str, object]:
+def run_training(params: Params, resume: bool = False, canaries: Canaries | None = None,
+                 processes: Processes | None = None) -> dict[str, object]:
     """Trains one grid cell, logging to its MLflow run from before the first step.
 
     Before anything is written, the run plans its mechanism (sigma, q, steps) and checks that the data set's
@@ -102,6 +104,9 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
         resume: continue from the cell's last checkpoint and step ledger instead of starting over.
         canaries: audit the cell's configuration instead (``audit@<cell>``): the same run with gradient canaries
             (``models.auditing.GradientCanaries``), charged to the data set's budget like any run, and no model kept.
+        processes: this process's rank among those torchrun started for the cell, and its device (default: one
+            process on ``base.device``). Every process trains its shard; rank 0 alone writes the outputs, the
+            ledgers and the MLflow run, and adds the noise (Opacus' distributed optimizer).
 
     Returns:
         The privacy record and the selection result; for an audit, the canaries with their scores and the
@@ -115,6 +120,10 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
 
     t = params.train
     cell = t.cell
+    processes = processes or Processes(0, 1, compute_device(params))
+    if canaries is not None and processes.count > 1:
+        raise StageError("an audit trains in one process (its canaries join one clipped sum): run it without torchrun")
+    main = processes.main
     stage, name = ("train", run_name(cell)) if canaries is None else ("audit", f"audit@{cell}")
     out = Path(params.base.artifacts) / stage / cell
     private = Path(params.base.artifacts) / "prepare" / params.private_site()
@@ -131,40 +140,44 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
         raise StageError(f"train.delta={t.delta:g} is not below 1/N = 1/{n}; choose a smaller delta")
     settings = _guarantee_settings(params, n)
     ledger = StepLedger(out / "ledger.jsonl")
-    if resume:
+    if resume and main:
         _check_resumable(out, settings, ledger)
     data_set = DataSet(settings["data_version"], settings["prepare_digest"], t.unit)
     if is_private:
         mechanism = plan_mechanism(n, epsilon=t.epsilon, delta=t.delta, epochs=t.epochs,
                                    logical_batch=t.logical_batch, accountant=t.accountant)
         remaining = mechanism.steps - (ledger.steps() if resume else 0)
-        check_budget(params, data_set, [(mechanism.noise_multiplier, mechanism.sample_rate, max(remaining, 0))])
+        if main:        # the ledgers are rank 0's; if it refuses, torchrun stops the other processes
+            check_budget(params, data_set, [(mechanism.noise_multiplier, mechanism.sample_rate, max(remaining, 0))])
     initialized = _initialize(params, store, settings)    # refuses an init it cannot trace before writing anything
-    randomness = Randomness.public(t.seed) if t.reproducible else Randomness.secret()
+    randomness = (Randomness.public(t.seed, processes.rank, processes.device) if t.reproducible
+                  else Randomness.secret(processes.device))
     public_images = None if canaries is None or not canaries.inputs else _canary_images(params, canaries.inputs,
                                                                                          randomness)
-    if not resume:
+    if not resume and main:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     val_rows, val_meta = store.split("val")
     val_images, val_labels = np.asarray(store.images[val_rows]), val_meta[list(LABELS)].to_numpy()
 
-    if canaries is None:
+    if canaries is None and main:
         close_abandoned_runs(cell)
-    with stage_run(stage, name=name), _stopped_by_sigterm():
-        mlflow.set_tags({"dp_cxr.cell" if canaries is None else "dp_cxr.audited_cell": cell,
+    log = mlflow if main else _Unlogged()      # one MLflow run per cell, whatever the number of processes
+    with stage_run(stage, name=name) if main else nullcontext(), _stopped_by_sigterm():
+        log.set_tags({"dp_cxr.cell" if canaries is None else "dp_cxr.audited_cell": cell,
                          "privacy_unit": t.unit, "resumed": str(resume).lower(),
                          "noise_seed": randomness.kind, "privacy.data_set": data_set.key})
-        mlflow.log_params(flatten(params.model_dump()))
+        log.log_params(flatten(params.model_dump()))
         state: dict[str, object] = _fresh_state()
         accountant, budget_run = None, None
         try:
-            mlflow.set_tags({"init_strategy": initialized.provenance.get("strategy", ""),
+            log.set_tags({"processes": str(processes.count), "device": processes.device.type,
+                          "init_strategy": initialized.provenance.get("strategy", ""),
                              "init_source": initialized.provenance.get("source", ""),
                              "pretrain_run_id": initialized.provenance.get("pretrain_run_id", "")})
-            model = initialized.model
+            model = plain = initialized.model.to(processes.device)
             if is_private:
-                _self_check(model, dataset, t)
+                _self_check(model, dataset, t, processes.device)
             optimizer = _optimizer(model, t)
             torch.manual_seed(t.seed)     # initialisation and augmentation only: sampling and noise have their own
             if is_private:
@@ -173,34 +186,43 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
                                   engine=t.engine)
                 model, optimizer, loader = dp.model, dp.optimizer, dp.loader
                 sigma, q, accountant = dp.noise_multiplier, dp.sample_rate, dp.engine.accountant
-                budget_run = LedgerRun(Path(params.privacy.ledger), data_set, name, sigma, q, remaining)
+                if main:
+                    budget_run = LedgerRun(Path(params.privacy.ledger), data_set, name, sigma, q, remaining)
             else:
                 base = torch.utils.data.DataLoader(dataset, batch_size=min(t.logical_batch, n),
                                                    generator=randomness.sampling)
                 loader = opacus.data_loader.DPDataLoader.from_data_loader(base)   # the same Poisson sampling
                 sigma, q = 0.0, float(loader.sample_rate)
-            mlflow.log_metrics({"noise_multiplier": sigma, "sample_rate": q})
-            plain = model._module if is_private else model
+            log.log_metrics({"noise_multiplier": sigma, "sample_rate": q})
             audit = None if canaries is None else GradientCanaries(
                 list(plain.parameters()), canaries.count, canaries.magnitude * t.max_grad_norm, q, randomness.canaries)
             inputs = None if public_images is None else InputCanaries(*public_images, q, randomness.canaries)
             if resume:
-                state = _resume(out, plain, optimizer, accountant, ledger)
+                state = from_main(_resume(out, plain, optimizer, accountant, ledger) if main else None, processes)
+                share_training_state(plain, optimizer, processes)
+                if accountant is not None:
+                    accountant.history = from_main(accountant.history, processes)
 
             spec = ModelSpec(size=t.model, image_size=params.base.image_size, init=initialized.provenance)
             steps_per_epoch = len(loader)
             for epoch in range(state["epoch"] + 1, t.epochs + 1):
                 progress = tqdm(total=steps_per_epoch, desc=f"{name} epoch {epoch}/{t.epochs}", unit="step",
-                                file=sys.stderr, mininterval=1.0)
+                                file=sys.stderr, mininterval=1.0, disable=not main)
                 progress.set_postfix(eps=f"{state['epsilon']:.2f}")
+                ledgers = (ledger, budget_run) if main else None
                 if is_private:
-                    _private_epoch(model, optimizer, loader, t, (ledger, budget_run), (sigma, q), progress, audit,
-                                   inputs)
-                    budget_run.sync(epoch)
+                    _private_epoch(model, optimizer, loader, t, ledgers, (sigma, q), progress, audit, inputs,
+                                   processes.device)
+                    if budget_run is not None:
+                        budget_run.sync(epoch)
                 else:
-                    _plain_epoch(model, optimizer, loader, t, ledger, q * n, progress, audit, inputs)
-                state["step"] += progress.n
+                    _plain_epoch(model, optimizer, loader, t, ledgers, q * n, progress, audit, inputs,
+                                 processes.device)
+                state["step"] += steps_per_epoch
                 progress.close()
+                if not main:                        # rank 0 evaluates, records and checkpoints
+                    state["epoch"] = epoch
+                    continue
                 if accountant is not None:
                     state["epsilon"] = float(accountant.get_epsilon(t.delta))
                 val_auroc = mean_auroc(val_labels, predict(plain, val_images))
@@ -220,10 +242,12 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
         except BaseException as error:
             # What a failed or stopped run spent is part of its record (every executed step touched the data).
             spent = accountant.get_epsilon(t.delta) if accountant is not None and accountant.history else 0.0
-            mlflow.log_metric("epsilon_spent", _metric(spent if is_private else math.inf))
+            log.log_metric("epsilon_spent", _metric(spent if is_private else math.inf))
             if budget_run is not None:
                 budget_run.close("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
             raise
+        if not main:
+            return {"cell": cell, "rank": processes.rank}
         if budget_run is not None:
             budget_run.close("FINISHED")
         if audit is not None:
@@ -238,7 +262,7 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
                     "noise_seed": randomness.kind, "data_set": data_set.key}
 
         record = _privacy_record(params, t, ledger.history() if is_private else [], sigma, q, n, state,
-                                 initialized.provenance, randomness, data_set, settings)
+                                 initialized.provenance, randomness, data_set, settings, processes.count)
         (out / "privacy.json").write_text(record.to_json())
         (out / "history.json").write_text(json.dumps(state["history"], indent=2))
         mlflow.set_tag("prepare_digest", record.prepare_digest)
@@ -447,10 +471,10 @@ def _canary_images(params: Params, count: int, randomness: Randomness) -> tuple[
     return np.asarray(store.images[rows]), store.metadata.iloc[rows][list(LABELS)].to_numpy()
 
 
-def _self_check(model: nn.Module, dataset: torch.utils.data.Dataset, t: Train) -> None:
+def _self_check(model: nn.Module, dataset: torch.utils.data.Dataset, t: Train, device: torch.device) -> None:
     count = min(t.self_check_images, len(dataset))
-    x = torch.stack([dataset[i][0] for i in range(count)])
-    y = torch.stack([dataset[i][1] for i in range(count)])
+    x = torch.stack([dataset[i][0] for i in range(count)]).to(device)
+    y = torch.stack([dataset[i][1] for i in range(count)]).to(device)
     what, check = (("per-example norms and clipped sums", book_keeping_error) if t.engine == "bk"
                    else ("per-sample gradients", max_relative_error))
     error = check(model, x, y)
@@ -473,19 +497,21 @@ def _losses(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _private_epoch(model: nn.Module, optimizer: object, loader: object, t: Train,
-                   ledgers: tuple[StepLedger, LedgerRun], mechanism: tuple[float, float], progress: tqdm,
-                   canaries: GradientCanaries | None, inputs: InputCanaries | None) -> None:
+                   ledgers: tuple[StepLedger, LedgerRun] | None, mechanism: tuple[float, float], progress: tqdm,
+                   canaries: GradientCanaries | None, inputs: InputCanaries | None, device: torch.device) -> None:
     """One epoch of DP-SGD: Poisson logical batches in physical chunks; clipping and noise at each logical step.
 
     No statistic of the training examples (not even their mean loss) leaves this loop: it would be released
     without the DP guarantee. An audit's gradient canaries join each logical step's clipped sums and read the
     released noisy gradient after it; its input canaries join the step's last physical batch as examples.
+    ``ledgers`` is None in the processes other than rank 0 (which records every logical step once).
     """
     with BatchMemoryManager(data_loader=loader, max_physical_batch_size=t.physical_batch,
                             optimizer=optimizer) as batches:
         for x, y in batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             final = ends_logical_step(optimizer)
-            if final:                       # recorded before the step that releases noise about these examples
+            if final and ledgers is not None:   # recorded before the step that releases noise about these examples
                 ledgers[0].record(*mechanism)
                 ledgers[1].step()
             if final and inputs is not None:
@@ -501,12 +527,14 @@ def _private_epoch(model: nn.Module, optimizer: object, loader: object, t: Train
                 progress.update(1)
 
 
-def _plain_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: object, t: Train, ledger: StepLedger,
-                 expected_batch: float, progress: tqdm, canaries: GradientCanaries | None,
-                 inputs: InputCanaries | None) -> None:
+def _plain_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: object, t: Train,
+                 ledgers: tuple[StepLedger, None] | None, expected_batch: float, progress: tqdm,
+                 canaries: GradientCanaries | None, inputs: InputCanaries | None, device: torch.device) -> None:
     """One non-private epoch over the same Poisson logical batches, averaged over the expected batch size."""
     for x, y in loader:
-        ledger.record(0.0, float(loader.sample_rate))
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if ledgers is not None:
+            ledgers[0].record(0.0, float(loader.sample_rate))
         if inputs is not None:
             x, y = inputs.join(x, y)
         optimizer.zero_grad()
@@ -518,6 +546,13 @@ def _plain_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, loader: obj
         if canaries is not None:
             canaries.observe()
         progress.update(1)
+
+
+class _Unlogged:
+    """What the processes other than rank 0 log to MLflow: nothing (the cell has one run, rank 0's)."""
+
+    def __getattr__(self, name: str) -> object:
+        return lambda *args, **kwargs: None
 
 
 def _fresh_state() -> dict[str, object]:
@@ -547,7 +582,7 @@ def _resume(out: Path, model: nn.Module, optimizer: torch.optim.Optimizer, accou
 
 def _privacy_record(params: Params, t: Train, history: list[tuple[float, float, int]], sigma: float, q: float,
                     n: int, state: dict[str, object], init: dict[str, str], randomness: Randomness,
-                    data_set: DataSet, settings: dict[str, object]) -> PrivacyRecord:
+                    data_set: DataSet, settings: dict[str, object], processes: int) -> PrivacyRecord:
     if history:
         epsilons = _cross_checked(history, t)
         ledgers = histories(Path(params.privacy.ledger), data_set).values()
@@ -562,7 +597,8 @@ def _privacy_record(params: Params, t: Train, history: list[tuple[float, float, 
         epsilon_pld=epsilons["pld"], epsilon_rdp=epsilons["rdp"], history=[list(h) for h in history],
         opacus_version=opacus.__version__, torch_version=torch.__version__, **randomness.describe(),
         data_version=str(settings["data_version"]), prepare_digest=str(settings["prepare_digest"]),
-        data_set=data_set.key, data_set_epsilon=data_set_epsilon, init=init, engine=t.engine if history else "none")
+        data_set=data_set.key, data_set_epsilon=data_set_epsilon, init=init, engine=t.engine if history else "none",
+        processes=processes)
 
 
 def _cross_checked(history: list[tuple[float, float, int]], t: Train) -> dict[str, float]:

@@ -24,6 +24,7 @@ import torch
 from bentoml.exceptions import BentoMLException, InvalidArgument
 
 from models.convnext import predict
+from models.device import resolve_device
 from models.preprocessing import ImageDecodeError, decode_bytes, preprocess
 from models.record import privacy_statement, verified_record
 from models.weights import load_model
@@ -31,7 +32,8 @@ from serving.model_store import bento_model_name
 from serving.security import BearerAuth, BodyLimit, JsonErrors
 from serving.settings import load_serving_config
 
-SETTINGS = load_serving_config(Path(os.environ.get("DP_CXR_PARAMS", "params.yaml"))).serve
+CONFIG = load_serving_config(Path(os.environ.get("DP_CXR_PARAMS", "params.yaml")))
+SETTINGS = CONFIG.serve
 
 
 class UnsupportedImage(BentoMLException):
@@ -51,7 +53,7 @@ class CXRClassifier:
         # The guarantee travels with the weights: refuse to start on weights the record was not issued for.
         self.guarantee = verified_record(folder)
         self.model, self.spec = load_model(folder)
-        self.model.eval()
+        self.model.to(resolve_device(CONFIG.device)).eval()
         tags = self.bento_model.info.metadata["tags"]
         labels = self.bento_model.info.labels
         self.thresholds = json.loads(tags["thresholds"])

@@ -33,10 +33,12 @@ class ServingConfig:
     Attributes:
         serve: the ``serve`` section.
         registered_model: ``register.name``, the registered model whose alias ``serve.alias`` is served.
+        device: ``base.device``, where the model computes (``models.device.resolve_device``).
     """
 
     serve: Serve
     registered_model: str
+    device: str
 
 
 def load_serving_config(path: Path) -> ServingConfig:
@@ -47,10 +49,11 @@ def load_serving_config(path: Path) -> ServingConfig:
     """
     try:
         raw = yaml.safe_load(Path(path).read_text())
-        return ServingConfig(Serve.model_validate(raw["serve"]), str(raw["register"]["name"]))
+        return ServingConfig(Serve.model_validate(raw["serve"]), str(raw["register"]["name"]),
+                             str(raw["base"]["device"]))
     except (OSError, yaml.YAMLError, KeyError, TypeError) as error:
-        raise ValueError(f"{path}: cannot read serve and register.name ({error!r}): point DP_CXR_PARAMS at the "
-                         f"project's params.yaml") from None
+        raise ValueError(f"{path}: cannot read serve, register.name and base.device ({error!r}): point "
+                         f"DP_CXR_PARAMS at the project's params.yaml") from None
     except ValidationError as error:
         first = error.errors()[0]
         raise ValueError(f"{path}: serve.{'.'.join(map(str, first['loc']))}: {first['msg']}") from None

@@ -196,3 +196,34 @@ def test_a_failing_gate_stops_dvc_repro(tiny_project, tmp_path):
     # The results are there to read, but DVC has not recorded the stage as done.
     assert (project.root / "artifacts/validate/summary.json").is_file()
     assert "validate" in project.stale()
+
+
+def test_a_cell_trains_in_two_processes_through_dvc_repro_and_mlflow_run(tiny_project, tmp_path):
+    """train.processes: 2 launches the cell under torchrun: one privacy record and one MLflow run per cell, and the
+    same sigma, q, steps and epsilon as the single-process run of the same cell."""
+    project = tiny_project.copy(tmp_path / "project")
+    cell = "domain-8-micro-1.0-0"
+    record_file = project.root / "artifacts/train" / cell / "privacy.json"
+    single = json.loads(record_file.read_text())
+    raw = project.params()
+    raw["train"]["processes"] = 2
+    project.write_params(raw)
+    assert f"train@{cell}" in project.stale()
+    project.dvc("repro", "--single-item", f"train@{cell}")
+    record = json.loads(record_file.read_text())
+    assert (single["processes"], record["processes"]) == (1, 2)
+    assert {k: record[k] for k in ("steps", "sample_rate", "noise_multiplier", "n", "epochs", "history")} == {
+        k: single[k] for k in ("steps", "sample_rate", "noise_multiplier", "n", "epochs", "history")}
+    assert record["epsilon"] == pytest.approx(single["epsilon"], rel=1e-12)
+
+    mlflow.set_tracking_uri(project.tracking_uri)
+    runs = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`dp_cxr.cell` = '{cell}'",
+                              output_format="list")
+    assert sorted(r.data.tags["processes"] for r in runs) == ["1", "2"]            # the build's, then this one
+    project.run("mlflow", "run", ".", "-e", "train", "--env-manager", "local", "--experiment-name", "two-processes",
+                "-P", f"cell={cell}", "-P", "overrides=train.processes=2")
+    [run] = mlflow.search_runs(experiment_names=["two-processes"], output_format="list")
+    assert run.info.status == "FINISHED" and run.info.run_name == run_name(cell)
+    assert run.data.tags["processes"] == "2" and run.data.tags["dp_cxr.cell"] == cell
+    assert run.data.metrics["final_epsilon"] == pytest.approx(single["epsilon"], rel=1e-12)
+    assert json.loads(record_file.read_text())["processes"] == 2
