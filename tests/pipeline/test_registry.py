@@ -55,3 +55,21 @@ def test_a_second_registration_moves_the_alias(saved):
 def test_unknown_alias_is_a_clear_error():
     with pytest.raises(LookupError, match="not found in the MLflow registry"):
         get_version("no-such-model", "current")
+
+
+def test_a_stage_in_a_process_the_active_run_started_is_its_child(monkeypatch):
+    """How a grid cell trained under torchrun from the study entry point nests under the study's run."""
+    from pipelines.tracking import PARENT_RUN_ENV, child_process_env
+
+    made = mlflow.MlflowClient().create_run(mlflow.set_experiment("nesting").experiment_id)
+    monkeypatch.setenv("MLFLOW_RUN_ID", made.info.run_id)            # as `mlflow run` starts the study
+    with stage_run("main") as parent:
+        env = child_process_env()
+    assert env[PARENT_RUN_ENV] == parent.info.run_id and "MLFLOW_RUN_ID" not in env
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.setenv(PARENT_RUN_ENV, parent.info.run_id)         # what the started process sees
+    with stage_run("train", name="train@scratch-8-micro-1.0-0") as child:
+        pass
+    logged = mlflow.get_run(child.info.run_id)
+    assert logged.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert logged.info.experiment_id == parent.info.experiment_id

@@ -166,6 +166,7 @@ def test_a_killed_two_process_run_resumes_and_charges_every_ledger_step(private_
     assert record["epsilon"] == pytest.approx(epsilon_of(ledger, 1e-5, "prv"), rel=1e-9)
 
 
+@pytest.mark.slow
 def test_the_gpu_benchmark_refuses_a_machine_without_cuda_and_runs_its_code_path_on_the_cpu():
     benchmark = [sys.executable, str(Path(__file__).parents[2] / "benchmarks" / "gpu.py")]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])}
