@@ -185,8 +185,8 @@ class Randomness:
         source = ("a fresh 256-bit seed from the OS CSPRNG (Python secrets), never stored" if self.kind == "secret"
                   else "train.seed (train.reproducible: true): public, no DP guarantee against whoever knows it")
         return {"noise_seed": self.kind,
-                "noise_generator": f"torch.Generator (mt19937), one each for Poisson sampling and Gaussian noise, "
-                                   f"seeded by SHA-256 from {source}"}
+                "noise_generator": f"torch.Generator (mt19937), one each for Poisson sampling and Gaussian noise "
+                                   f"(in every training process), seeded by SHA-256 from {source}"}
 
 
 def _derived_generator(seed: bytes, purpose: bytes, device: torch.device | None = None) -> torch.Generator:

@@ -10,20 +10,22 @@ from models import book_keeping
 from models.book_keeping import BookKeeping, BookKeepingDPOptimizer, max_relative_error
 from models.convnext import create_model
 from models.privacy import BoundedClipDPOptimizer
+from tests.privacy import DEVICE
 
 EXACT = 1e-5
 
 
 def batch(n=4, size=32, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, size, size, generator=generator), (torch.rand(n, 5, generator=generator) > 0.5).float()
+    return (torch.randn(n, 1, size, size, generator=generator).to(DEVICE),
+            (torch.rand(n, 5, generator=generator) > 0.5).float().to(DEVICE))
 
 
 @pytest.mark.parametrize("image_size", [32, 64])
 @pytest.mark.parametrize("size", ["atto", "femto", "nano", "tiny"])
 def test_norms_and_clipped_sums_equal_a_per_example_loop(size, image_size):
     torch.manual_seed(0)
-    assert max_relative_error(create_model(size), *batch(size=image_size)) <= EXACT
+    assert max_relative_error(create_model(size).to(DEVICE), *batch(size=image_size)) <= EXACT
 
 
 @pytest.mark.parametrize("ghost", [True, False])
@@ -31,7 +33,7 @@ def test_both_norm_routes_are_exact_on_every_dense_layer(monkeypatch, ghost):
     """Forcing every Linear and dense Conv2d through one route (ghost norm, or materialised per-sample gradient)."""
     monkeypatch.setattr(book_keeping, "prefers_ghost", lambda tokens, fan_in, fan_out: ghost)
     torch.manual_seed(0)
-    assert max_relative_error(create_model("atto"), *batch(size=64)) <= EXACT
+    assert max_relative_error(create_model("atto").to(DEVICE), *batch(size=64)) <= EXACT
 
 
 def test_the_cost_model_picks_ghost_norms_for_few_tokens_and_many_channels():
@@ -50,7 +52,7 @@ def test_the_self_check_catches_a_wrong_rule(monkeypatch):
     for kind in ("layer_norm", "layer_norm_2d"):
         monkeypatch.setitem(book_keeping._LAYER_RULES, kind, no_bias)
     torch.manual_seed(0)
-    assert max_relative_error(create_model("atto"), *batch()) > 0.1
+    assert max_relative_error(create_model("atto").to(DEVICE), *batch()) > 0.1
 
 
 def one_example_clipped_sum(model, book, x, y, clip, loss_scale):
@@ -64,7 +66,7 @@ def one_example_clipped_sum(model, book, x, y, clip, loss_scale):
 def test_clipped_contributions_never_exceed_the_bound(ratio):
     """Examples whose raw norm is far above, at and far below C: the clipped contribution's float64 norm is <= C."""
     torch.manual_seed(0)
-    model = create_model("atto")
+    model = create_model("atto").to(DEVICE)
     book = BookKeeping(model)
     x, y = batch(n=6, size=64)
     for i in range(len(x)):
@@ -80,7 +82,7 @@ def test_clipped_contributions_never_exceed_the_bound(ratio):
 def test_an_empty_poisson_batch_still_gets_its_noise():
     torch.manual_seed(1)
     sigma, clip = 1.3, 0.5
-    model = create_model("atto")
+    model = create_model("atto").to(DEVICE)
     optimizer = BookKeepingDPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=sigma,
                                        max_grad_norm=clip, expected_batch_size=1, loss_reduction="sum")
     optimizer.book = BookKeeping(model)
@@ -103,7 +105,7 @@ def test_a_layer_without_a_rule_is_refused_by_name():
 
 def test_closing_restores_the_model():
     torch.manual_seed(0)
-    model = create_model("micro")
+    model = create_model("micro").to(DEVICE)
     x, _ = batch()
     expected = model(x)
     BookKeeping(model).close()
@@ -121,7 +123,7 @@ def test_a_mean_loss_gives_the_samplers_engines_clipped_sums(clip):
     summed = {}
     for engine in ("samplers", "bk"):
         torch.manual_seed(0)
-        model = create_model("atto")
+        model = create_model("atto").to(DEVICE)
         wrapped = GradSampleModule(model) if engine == "samplers" else model
         kind = BoundedClipDPOptimizer if engine == "samplers" else BookKeepingDPOptimizer
         optimizer = kind(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=clip,

@@ -14,18 +14,20 @@ from torch import nn
 from models.convnext import create_model, fold_layer_scale
 from models.per_sample import TOLERANCE, max_relative_error
 from models.privacy import BoundedClipDPOptimizer
+from tests.privacy import DEVICE
 
 
 def batch(n=4, size=32, seed=0):
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 1, size, size, generator=generator), (torch.rand(n, 5, generator=generator) > 0.5).float()
+    return (torch.randn(n, 1, size, size, generator=generator).to(DEVICE),
+            (torch.rand(n, 5, generator=generator) > 0.5).float().to(DEVICE))
 
 
 @pytest.mark.parametrize("size", ["atto", "femto", "nano", "tiny"])
 def test_per_sample_gradients_are_exact(size):
     torch.manual_seed(0)
     x, y = batch(size=32)
-    assert max_relative_error(create_model(size), x, y) <= TOLERANCE
+    assert max_relative_error(create_model(size).to(DEVICE), x, y) <= TOLERANCE
 
 
 def test_the_self_check_catches_stock_opacus_conv_sampler():
@@ -35,7 +37,7 @@ def test_the_self_check_catches_stock_opacus_conv_sampler():
     ours = Hooks.GRAD_SAMPLERS[nn.Conv2d]
     Hooks.GRAD_SAMPLERS[nn.Conv2d] = compute_conv_grad_sample
     try:
-        assert max_relative_error(create_model("atto"), x, y) > 0.1
+        assert max_relative_error(create_model("atto").to(DEVICE), x, y) > 0.1
     finally:
         Hooks.GRAD_SAMPLERS[nn.Conv2d] = ours
 
@@ -60,7 +62,7 @@ def dp_optimizer(model, sigma, clip, expected_batch, kind=BoundedClipDPOptimizer
 
 def clipped_norms(kind, clip):
     torch.manual_seed(0)
-    model = GradSampleModule(create_model("atto"), loss_reduction="sum")
+    model = GradSampleModule(create_model("atto").to(DEVICE), loss_reduction="sum")
     x, y = batch(n=8)
     norms = []
     for i in range(len(x)):
@@ -90,7 +92,7 @@ def test_stock_opacus_clipping_overshoots_the_bound_in_float32():
 def test_noise_standard_deviation_is_sigma_times_c_on_a_zero_gradient_step():
     torch.manual_seed(1)
     sigma, clip = 1.3, 0.5
-    model = GradSampleModule(create_model("atto"), loss_reduction="sum")
+    model = GradSampleModule(create_model("atto").to(DEVICE), loss_reduction="sum")
     optimizer = dp_optimizer(model, sigma=sigma, clip=clip, expected_batch=1)
     before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
     x, _ = batch(n=4)
