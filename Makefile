@@ -15,6 +15,8 @@ export BENTOML_DO_NOT_TRACK := true
 export GX_ANALYTICS_ENABLED := false
 export UV_CACHE_DIR ?= $(CURDIR)/.cache/uv
 export MPLCONFIGDIR ?= $(CURDIR)/.cache/matplotlib
+# The Data Docs' scripts and styles, fetched from the npm registry once, so the pages work offline.
+export DP_CXR_WEB_ASSETS ?= $(CURDIR)/.cache/web-assets
 export HF_HUB_OFFLINE := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # dvc.yaml and MLproject call `python`: make it this environment's.
@@ -22,13 +24,17 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 .PHONY: setup data demo serve test browser check lint bench clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(DP_CXR_WEB_ASSETS)/.fetched
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	$(PY) -m pip check
+	touch $@
+
+$(DP_CXR_WEB_ASSETS)/.fetched: pipelines/offline_docs.py | $(STAMP)
+	$(PY) -m pipelines.offline_docs
 	touch $@
 
 # The embedded synthetic multi-site data set (tracked by data.dvc; the same seed gives the same bytes).

@@ -1,19 +1,25 @@
-"""Inference API throughput and latency over real HTTP against a local `bentoml serve`.
+"""Inference API throughput and latency over real HTTP against a local `bentoml serve`, as a share of the same
+pipeline in one process.
 
-Serves the configured alias (``serve.alias`` in params.yaml; run ``make demo`` or ``dvc repro`` first so the
-registry has it), sends ``--requests`` single-image ``/predict`` calls at concurrency 1 (the baseline) and at
-concurrency 32, and prints images/s, p50/p95 latency and the throughput ratio of 32 to 1.
+1. In process (the baseline): the served model (``serve.alias``, from the BentoML store) on the same uploads:
+   decode + preprocess (``models.preprocessing``) + the model in batches of ``serve.max_batch_size``; images/s.
+2. Over HTTP: ``--requests`` single-image ``/predict`` calls at concurrency 1, 8 and 32 from keep-alive clients
+   (one asyncio client, one connection per concurrent caller); images/s, p50/p95 latency, and the throughput as a
+   ratio of the in-process figure.
 
-    .venv/bin/python benchmarks/serve.py [--requests 256] [--params params.yaml]
+Targets (issue 19): concurrency 32 at >= 60% of the in-process throughput and >= 3x concurrency 1's.
+Run ``make demo`` (or ``dvc repro``) first so the registry has the alias.
+
+    .venv/bin/python benchmarks/serve.py [--requests 512] [--params params.yaml]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,46 +29,74 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipelines.config import load_params  # noqa: E402
 from pipelines.data.store import open_site  # noqa: E402
 from serving.launch import running_server  # noqa: E402
-from serving.model_store import import_registered  # noqa: E402
+from serving.model_store import bento_model_name, import_registered  # noqa: E402
 from serving.settings import load_serving_config  # noqa: E402
 
 
-def run(url: str, images: list[bytes], concurrency: int) -> tuple[float, np.ndarray]:
-    """Sends every image once with ``concurrency`` clients; returns images/s and the latencies (s)."""
+def in_process(images: list[bytes], alias: str, batch: int) -> float:
+    """Images/s of decode + preprocess + the served model in batches, in this process."""
+    import bentoml
+
+    from models.convnext import predict
+    from models.preprocessing import decode_bytes, preprocess
+    from models.weights import load_model
+
+    model, spec = load_model(Path(bentoml.models.get(f"{bento_model_name(alias)}:latest").path))
+    model.eval()
+    predict(model, np.stack([preprocess(decode_bytes(images[0], untrusted=True), spec.image_size)]))   # warm-up
+    start = time.perf_counter()
+    for first in range(0, len(images), batch):
+        prepared = [preprocess(decode_bytes(data, untrusted=True), spec.image_size)
+                    for data in images[first:first + batch]]
+        predict(model, np.stack(prepared))
+    return len(images) / (time.perf_counter() - start)
+
+
+async def over_http(url: str, images: list[bytes], concurrency: int) -> tuple[float, np.ndarray]:
+    """Sends every image once from ``concurrency`` keep-alive callers; returns images/s and the latencies (s)."""
     import httpx
 
-    def call(payload: bytes) -> float:
-        start = time.perf_counter()
-        answer = httpx.post(f"{url}/predict", files={"image": ("x.png", payload)}, timeout=120)
-        answer.raise_for_status()
-        return time.perf_counter() - start
+    queue = list(reversed(images))
+    latencies: list[float] = []
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+        async def caller() -> None:
+            while queue:
+                payload = queue.pop()
+                sent = time.perf_counter()
+                answer = await client.post("/predict", files={"image": ("x.png", payload)})
+                answer.raise_for_status()
+                latencies.append(time.perf_counter() - sent)
 
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        latencies = np.array(list(pool.map(call, images)))
-    return len(images) / (time.perf_counter() - start), latencies
+        start = time.perf_counter()
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        return len(images) / (time.perf_counter() - start), np.array(latencies)
 
 
 def main() -> None:
-    """Runs both loads and prints the figures."""
+    """Measures the in-process pipeline, then the server at each concurrency, and prints the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=256)
+    parser.add_argument("--requests", type=int, default=512)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     params = load_params(args.params)
-    import_registered(load_serving_config(args.params))
+    config = load_serving_config(args.params)
+    import_registered(config)
     meta = open_site(Path(params.base.artifacts) / "prepare" / params.private_site()).metadata
     paths = meta[meta["split"] == "test"]["path"].head(args.requests).tolist()
     images = [Path(p).read_bytes() for p in (paths * (args.requests // len(paths) + 1))[:args.requests]]
+    baseline = in_process(images, config.serve.alias, config.serve.max_batch_size)
     with tempfile.TemporaryDirectory() as scratch, running_server(args.params, Path(scratch) / "server.log") as url:
-        run(url, images[:16], 4)   # warm-up
-        results = {c: run(url, images, c) for c in (1, 32)}
+        asyncio.run(over_http(url, images[:64], 8))   # warm-up
+        results = {c: asyncio.run(over_http(url, images, c)) for c in (1, 8, 32)}
     print(f"inference API, {args.requests} single-image /predict requests (original files, "
           f"{params.base.image_size} px model)")
+    print(f"  in process (decode + preprocess + model, batches of {config.serve.max_batch_size}): "
+          f"{baseline:7.1f} images/s")
     for concurrency, (throughput, latencies) in results.items():
         p50, p95 = np.percentile(latencies, [50, 95]) * 1000
-        print(f"  concurrency {concurrency:2d}: {throughput:7.1f} images/s, "
-              f"latency p50 {p50:6.1f} ms, p95 {p95:6.1f} ms")
+        print(f"  concurrency {concurrency:2d}: {throughput:7.1f} images/s ({throughput / baseline:.2f} of in "
+              f"process), latency p50 {p50:6.1f} ms, p95 {p95:6.1f} ms")
     print(f"  throughput ratio concurrency 32 / 1: {results[32][0] / results[1][0]:.2f}x")
 
 

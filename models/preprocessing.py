@@ -80,6 +80,8 @@ def _decode_raster(data: bytes) -> np.ndarray:
         if other:
             raise ImageDecodeError(f"unsupported image format {other}; use PNG, JPEG or DICOM") from error
         raise ImageDecodeError("not a PNG, JPEG or DICOM image") from error
+    except (OSError, SyntaxError, ValueError, EOFError) as error:   # a header cut short (JPEG: "Truncated File Read")
+        raise ImageDecodeError(f"truncated or corrupt image header: {error}") from error
     width, height = image.size
     if width * height > MAX_PIXELS:
         raise ImageDecodeError(f"image of {width}x{height} pixels exceeds the {MAX_PIXELS} pixel limit")

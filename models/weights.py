@@ -64,14 +64,23 @@ def load_model(folder: Path) -> tuple[nn.Module, ModelSpec]:
     Raises:
         FileNotFoundError: the weights or the spec are missing; the message names the file.
     """
-    for name in (WEIGHTS, SPEC):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} is missing: train or register the model first")
+    spec = read_spec(folder)
+    if not (folder / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{folder / WEIGHTS} is missing: train or register the model first")
+    return create_model(spec.size, state_dict=load_file(str(folder / WEIGHTS))), spec
+
+
+def read_spec(folder: Path) -> ModelSpec:
+    """The spec saved beside a model's weights (size, image size, labels, initialization).
+
+    Raises:
+        FileNotFoundError: the spec is missing.
+    """
+    if not (folder / SPEC).is_file():
+        raise FileNotFoundError(f"{folder / SPEC} is missing: train or register the model first")
     raw = json.loads((folder / SPEC).read_text())
     raw.pop("architecture", None)
-    spec = ModelSpec(**raw)
-    model = create_model(spec.size, state_dict=load_file(str(folder / WEIGHTS)))
-    return model, spec
+    return ModelSpec(**raw)
 
 
 def _atomic(path: Path, write: object) -> None:

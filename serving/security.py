@@ -1,16 +1,20 @@
-"""ASGI middleware of the inference API: the request-size limit, optional bearer-token auth, JSON error bodies.
+"""The inference API's guards: request-size limit, optional bearer-token auth, JSON error bodies, 4xx log lines.
 
 The first two answer in JSON before the request reaches BentoML: 413 for a body over the limit (checked on the
 declared length and again while the body streams in, so a chunked upload cannot slip past), 401 for a missing
-or wrong token. The token is compared in constant time; health checks stay open for orchestrators.
+or wrong token. The token is compared in constant time; health checks stay open for orchestrators. A client
+error is logged as one INFO line, never with a traceback.
 """
 
 from __future__ import annotations
 
 import hmac
 import json
+import logging
 import os
 from collections.abc import Awaitable, Callable
+
+from pydantic import ValidationError
 
 HEALTH_PATHS = frozenset({"/healthz", "/livez", "/readyz"})
 Scope = dict
@@ -124,3 +128,31 @@ class JsonErrors:
             await send(message)
 
         await self.app(scope, receive, unwrapping_send)
+
+
+class _ClientErrorLine(logging.Filter):
+    """Turns BentoML's ERROR record with traceback for a 4xx answer into one INFO line: route, status, error class.
+
+    A bad upload is the client's problem, not the server's: a traceback per bad image would bury real errors.
+    The message of the error is left out too (it can quote the upload); 5xx records are left as they are.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        status = getattr(getattr(error, "error_code", None), "value", None)
+        if isinstance(error, ValidationError):
+            status = 400
+        if status is None or not 400 <= status < 500:
+            return True
+        route = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg, record.args = "client error on %s: %s %s", (route, status, type(error).__name__)
+        record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_client_errors() -> None:
+    """Installs the one-line 4xx log record on BentoML's HTTP app logger (once per process)."""
+    logger = logging.getLogger("bentoml._internal.server.http_app")
+    if not any(isinstance(f, _ClientErrorLine) for f in logger.filters):
+        logger.addFilter(_ClientErrorLine())

@@ -13,11 +13,13 @@ model's. Bad input is a 4xx JSON error; images and DICOM tags are never logged. 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from http import HTTPStatus
 from pathlib import Path
 
+import aiohttp
 import bentoml
 import numpy as np
 import torch
@@ -27,13 +29,16 @@ from models.convnext import predict
 from models.device import resolve_device
 from models.preprocessing import ImageDecodeError, decode_bytes, preprocess
 from models.record import privacy_statement, verified_record
-from models.weights import load_model
+from models.weights import load_model, read_spec
 from serving.model_store import bento_model_name
-from serving.security import BearerAuth, BodyLimit, JsonErrors
+from serving.security import BearerAuth, BodyLimit, JsonErrors, quiet_client_errors
 from serving.settings import load_serving_config
 
 CONFIG = load_serving_config(Path(os.environ.get("DP_CXR_PARAMS", "params.yaml")))
 SETTINGS = CONFIG.serve
+# API workers decode and validate uploads (CPU-bound); the model service has its own process and threads.
+API_WORKERS = max(1, (os.cpu_count() or 1) // 2)
+MODEL_CALL_ATTEMPTS = 3
 
 
 class UnsupportedImage(BentoMLException):
@@ -42,18 +47,41 @@ class UnsupportedImage(BentoMLException):
     error_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
 
 
-@bentoml.service(traffic={"timeout": 60, "max_concurrency": 128}, workers=1)
-class CXRClassifier:
-    """Chest X-ray multi-label classifier trained with differential privacy."""
+@bentoml.service(traffic={"timeout": 60, "max_concurrency": 256}, workers=1)
+class CXRModel:
+    """The classifier itself: preprocessed images in, probabilities out, in batches BentoML merges across requests.
+
+    One worker holds the model and uses every core for it (torch's threads); the API workers in front of it decode
+    and validate uploads, so the model process only ever sees well-formed arrays.
+    """
 
     bento_model = bentoml.models.BentoModel(f"{bento_model_name(SETTINGS.alias)}:latest")
 
     def __init__(self) -> None:
         folder = Path(self.bento_model.path)
-        # The guarantee travels with the weights: refuse to start on weights the record was not issued for.
-        self.guarantee = verified_record(folder)
+        verified_record(folder)     # refuse to serve weights the privacy record was not issued for
         self.model, self.spec = load_model(folder)
         self.model.to(resolve_device(CONFIG.device)).eval()
+
+    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
+    def scores(self, images: np.ndarray) -> np.ndarray:
+        """Probabilities (N, L) for preprocessed uint8 images (N, S, S)."""
+        with torch.inference_mode():
+            return predict(self.model, images)
+
+
+@bentoml.service(traffic={"timeout": 60, "max_concurrency": 256}, workers=API_WORKERS)
+class CXRClassifier:
+    """Chest X-ray multi-label classifier trained with differential privacy."""
+
+    bento_model = bentoml.models.BentoModel(f"{bento_model_name(SETTINGS.alias)}:latest")
+    classifier = bentoml.depends(CXRModel)
+
+    def __init__(self) -> None:
+        folder = Path(self.bento_model.path)
+        # The guarantee travels with the weights: refuse to start on weights the record was not issued for.
+        self.guarantee = verified_record(folder)
+        self.spec = read_spec(folder)
         tags = self.bento_model.info.metadata["tags"]
         labels = self.bento_model.info.labels
         self.thresholds = json.loads(tags["thresholds"])
@@ -65,21 +93,26 @@ class CXRClassifier:
         self.card["model_card"] = Path(self.bento_model.path_of("model_card.md")).read_text()
 
     @bentoml.api
-    def predict(self, image: Path) -> dict:
-        """One image -> per-label probability, decision at the stored threshold, model and privacy guarantee."""
-        return self._answer(self._scores(np.stack([self._prepare(image)]))[0])
+    async def predict(self, image: Path) -> dict:
+        """One image -> per-label probability, decision at the stored threshold, model and privacy guarantee.
 
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
-    def predict_batch(self, images: list[Path]) -> list[dict]:
+        Concurrent calls share the model's batches; each upload is decoded and checked on its own (a bad one is its
+        own 4xx), in a thread so the event loop keeps accepting requests.
+        """
+        prepared = await asyncio.to_thread(self._prepare, image)
+        return self._answer((await self._scores(prepared[np.newaxis]))[0])
+
+    @bentoml.api
+    async def predict_batch(self, images: list[Path]) -> list[dict]:
         """A list of images -> one answer each; an unusable image gets an ``error`` entry, the others their answer."""
         prepared, answers = [], []
         for path in images:
             try:
-                prepared.append(self._prepare(path))
+                prepared.append(await asyncio.to_thread(self._prepare, path))
                 answers.append(None)
             except (InvalidArgument, UnsupportedImage) as error:
                 answers.append({"error": str(error), "model": self.identity, "privacy": self.guarantee})
-        scores = iter(self._scores(np.stack(prepared)) if prepared else [])
+        scores = iter(await self._scores(np.stack(prepared)) if prepared else [])
         return [answer if answer is not None else self._answer(next(scores)) for answer in answers]
 
     @bentoml.api
@@ -90,15 +123,29 @@ class CXRClassifier:
 
     def _prepare(self, path: Path) -> np.ndarray:
         try:
-            return preprocess(decode_bytes(Path(path).read_bytes(), untrusted=True), self.spec.image_size)
+            gray = decode_bytes(Path(path).read_bytes(), untrusted=True)
         except ImageDecodeError as error:
             if str(error).startswith(("unsupported", "not a PNG")):
                 raise UnsupportedImage(str(error)) from None
             raise InvalidArgument(str(error)) from None
+        if min(gray.shape) < SETTINGS.min_image_side:
+            raise InvalidArgument(f"image of {gray.shape[1]}x{gray.shape[0]} pixels is below the minimum side of "
+                                  f"{SETTINGS.min_image_side} px (serve.min_image_side): send the radiograph as "
+                                  f"acquired")
+        return preprocess(gray, self.spec.image_size)
 
-    def _scores(self, images: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            return predict(self.model, images)
+    async def _scores(self, images: np.ndarray) -> np.ndarray:
+        if not hasattr(self.classifier, "to_async"):  # one process (tests): a local instance
+            return await asyncio.to_thread(self.classifier.scores, images)
+        for attempt in range(MODEL_CALL_ATTEMPTS):    # served: the model service, batched across requests
+            try:
+                return await self.classifier.to_async.scores(images)
+            except aiohttp.ClientConnectionError:
+                # The model service closed a keep-alive connection as this call reused it (seen under load);
+                # inference is idempotent, so again on a fresh connection.
+                if attempt == MODEL_CALL_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def _answer(self, scores: np.ndarray) -> dict:
         probabilities = {label: float(p) for label, p in zip(self.spec.labels, scores, strict=True)}
@@ -110,3 +157,4 @@ class CXRClassifier:
 CXRClassifier.add_asgi_middleware(JsonErrors)
 CXRClassifier.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_request_bytes)
 CXRClassifier.add_asgi_middleware(BearerAuth, token_env=SETTINGS.token_env)
+quiet_client_errors()

@@ -23,6 +23,7 @@ class Serve(BaseModel):
     max_request_bytes: int = Field(gt=0)
     max_batch_size: int = Field(gt=0)
     max_latency_ms: int = Field(gt=0)
+    min_image_side: int = Field(gt=0)
     token_env: str
 
 

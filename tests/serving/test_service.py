@@ -2,6 +2,7 @@
 runs (routes, conversions, bad input, size limit), and once for real by `bentoml serve` on 127.0.0.1 (a smoke test of
 the server, its auth and concurrency). The model is the tiny study's champion, imported from its registry."""
 
+import asyncio
 import hashlib
 import io
 import json
@@ -156,35 +157,69 @@ def _png_header(width: int, height: int) -> bytes:
         chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
 
 
-def _dicom(study, preamble: bytes = b"\x00" * 128, sop_class: str | None = None) -> bytes:
+def _dicom(study, preamble: bytes = b"\x00" * 128, sop_class: str | None = None, pixels: bool = True) -> bytes:
     dicom = next((study.root / "data/synthetic-vindr-cxr").rglob("*.dicom"))
     ds = pydicom.dcmread(dicom)
     ds.PatientName = "SECRETNAME^PATIENT"
     if sop_class:
         ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+    if not pixels:
+        del ds.PixelData
     ds.preamble = preamble
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
 
 
+def _encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def hostile_corpus(study) -> dict[str, tuple[bytes, int]]:
+    """Uploads an attacker or a broken client sends, each with the status it must get (every one a 4xx)."""
+    png = _test_image(study).read_bytes()
+    gray = Image.open(_test_image(study)).convert("L")
+    jpeg = _encoded(gray, "JPEG")
+    sof = jpeg.index(b"\xff\xc0")          # the JPEG frame header: declare 30000 x 30000 pixels
+    jpeg_bomb = jpeg[:sof + 5] + struct.pack(">HH", 30000, 30000) + jpeg[sof + 9:]
+    dicom = _dicom(study)
+    return {
+        "empty upload": (b"", 415),
+        "non-image bytes": (b"this is not an image at all", 415),
+        "unsupported format (GIF)": (_encoded(Image.new("L", (128, 128)), "GIF"), 415),
+        "unsupported format (BMP)": (_encoded(gray, "BMP"), 415),
+        "PDF": (b"%PDF-1.7\n1 0 obj <<>> endobj\n%%EOF", 415),
+        "GIF/JAR polyglot": (_encoded(Image.new("L", (128, 128)), "GIF") + b"PK\x03\x04" + b"\x00" * 64, 415),
+        "PNG signature over HTML": (png[:8] + b"<html><script>alert(1)</script></html>", 415),
+        "truncated PNG": (png[: len(png) // 2], 400),
+        "truncated JPEG header": (jpeg[:200], 400),
+        "truncated JPEG body": (jpeg[: len(jpeg) // 2], 400),
+        "truncated DICOM": (dicom[: len(dicom) // 2], 400),
+        "decompression bomb (PNG)": (_png_header(20000, 20000), 400),
+        "decompression bomb (JPEG)": (jpeg_bomb, 400),
+        "DICOM with a non-zero preamble (MZ polyglot)": (_dicom(study, preamble=b"MZ" + b"\x90" * 126), 400),
+        "DICOM that is not an image (SR)": (_dicom(study, sop_class="1.2.840.10008.5.1.4.1.1.88.11"), 400),
+        "DICOM without pixel data": (_dicom(study, pixels=False), 400),
+        "1 x 1 pixel PNG": (_encoded(Image.new("L", (1, 1), 128), "PNG"), 400),
+        "48 x 48 JPEG thumbnail": (_encoded(gray.resize((48, 48)), "JPEG"), 400),
+    }
+
+
 def test_bad_input_gets_a_4xx_json_error_never_a_500(study, client, caplog, capfd):
     caplog.set_level(logging.DEBUG)
-    png = _test_image(study).read_bytes()
-    gif = io.BytesIO()
-    Image.new("L", (8, 8)).save(gif, format="GIF")
-    cases = {
-        "non-image bytes": (b"this is not an image at all", 415),
-        "unsupported format (GIF)": (gif.getvalue(), 415),
-        "truncated PNG": (png[: len(png) // 2], 400),
-        "decompression bomb": (_png_header(20000, 20000), 400),
-        "DICOM with a non-zero preamble": (_dicom(study, preamble=b"MZ" + b"\x90" * 126), 400),
-        "DICOM that is not an image (SR)": (_dicom(study, sop_class="1.2.840.10008.5.1.4.1.1.88.11"), 400),
-    }
-    for name, (payload, status) in cases.items():
+    for name, (payload, status) in hostile_corpus(study).items():
         answer = client.post("/predict", files={"image": ("upload", payload)})
         assert answer.status_code == status, (name, answer.status_code, answer.text)
         assert answer.json()["error"], name
+    tiny = client.post("/predict", files={"image": ("x.png", _encoded(Image.new("L", (1, 1)), "PNG"))}).json()
+    assert tiny["error"].startswith("image of 1x1 pixels is below the minimum side of 64 px")
+    client_errors = [r for r in caplog.records if r.getMessage().startswith("client error on /predict")]
+    assert {r.levelname for r in client_errors} == {"INFO"} and len(client_errors) >= len(hostile_corpus(study))
+    assert client_errors[0].getMessage() in {"client error on /predict: 415 UnsupportedImage",
+                                             "client error on /predict: 400 InvalidArgument"}
+    assert not any(r.exc_info or r.levelno >= logging.ERROR for r in caplog.records)     # no traceback for a 4xx
     too_big = client.post("/predict", files={"image": ("big.png", b"\x00" * (study.config.serve.max_request_bytes + 1))})
     assert too_big.status_code == 413 and "limit" in too_big.json()["error"]
 
@@ -242,3 +277,53 @@ def test_bentoml_serve_answers_over_real_http_with_auth_and_fifty_concurrent_req
         assert [a.status_code for a in answers] == [200] * 50
         assert len({a.json()["probabilities"]["cardiomegaly"] for a in answers}) == 1
         assert post("predict", files={"image": ("x.png", b"nonsense")}, headers=auth).status_code == 415
+        hostile = hostile_corpus(study)
+        for name, (payload, status) in hostile.items():
+            answer = post("predict", files={"image": ("upload", payload)}, headers=auth)
+            assert answer.status_code == status and answer.json()["error"], (name, answer.status_code, answer.text)
+        assert post("predict", files={"image": ("x.png", image)}, headers=auth).json() == answers[0].json()
+
+        # Load: 2,000 calls from 32 keep-alive callers, one in 20 hostile; no 5xx, and the memory stays flat.
+        uploads = [payload for payload, _ in hostile.values()]
+        calls = [uploads[k % len(uploads)] if k % 20 == 0 else image for k in range(2000)]
+        statuses, memory = asyncio.run(_load(url, calls, auth, server_processes(url)))
+        assert statuses.get(500, 0) == statuses.get(503, 0) == 0 and not any(code >= 500 for code in statuses)
+        assert statuses[200] == 1900 and sum(statuses.values()) == 2000
+        warm, end = memory
+        assert abs(end - warm) <= 0.1 * warm, f"server memory {warm / 2**20:.0f} MiB after warm-up, {end / 2**20:.0f} at the end"
+    log_text = log.read_text()
+    assert "Traceback" not in log_text and "[ERROR]" not in log_text                 # a 4xx is one INFO line
+    assert "client error on /predict: 400 InvalidArgument" in log_text and "SECRETNAME" not in log_text
+
+
+def server_processes(url: str) -> list:
+    """The `bentoml serve` process listening at ``url`` and every process it started."""
+    import psutil
+
+    port = url.rsplit(":", 1)[1]
+    parent = next(p for p in psutil.process_iter(["cmdline"])
+                  if "serve" in (p.info["cmdline"] or []) and port in (p.info["cmdline"] or []))
+    return [parent, *parent.children(recursive=True)]
+
+
+async def _load(url: str, uploads: list[bytes], headers: dict, processes: list) -> tuple[dict[int, int], tuple]:
+    """Sends ``uploads`` from 32 keep-alive callers; the status counts, and the servers' total RSS after the first
+    quarter (warm-up) and at the end."""
+    queue, statuses, memory = list(reversed(uploads)), {}, []
+    warm_up = len(uploads) - len(uploads) // 4
+
+    def rss() -> int:
+        return sum(p.memory_info().rss for p in processes)
+
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+    async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=120) as client:
+        async def caller() -> None:
+            while queue:
+                payload = queue.pop()
+                if len(queue) == warm_up:
+                    memory.append(rss())
+                answer = await client.post("/predict", files={"image": ("upload", payload)})
+                statuses[answer.status_code] = statuses.get(answer.status_code, 0) + 1
+
+        await asyncio.gather(*(caller() for _ in range(32)))
+    return statuses, (memory[0], rss())
