@@ -165,16 +165,16 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
     log = mlflow if main else _Unlogged()      # one MLflow run per cell, whatever the number of processes
     with stage_run(stage, name=name) if main else nullcontext(), _stopped_by_sigterm():
         log.set_tags({"dp_cxr.cell" if canaries is None else "dp_cxr.audited_cell": cell,
-                         "privacy_unit": t.unit, "resumed": str(resume).lower(),
-                         "noise_seed": randomness.kind, "privacy.data_set": data_set.key})
+                      "privacy_unit": t.unit, "resumed": str(resume).lower(),
+                      "noise_seed": randomness.kind, "privacy.data_set": data_set.key})
         log.log_params(flatten(params.model_dump()))
         state: dict[str, object] = _fresh_state()
         accountant, budget_run = None, None
         try:
             log.set_tags({"processes": str(processes.count), "device": processes.device.type,
                           "init_strategy": initialized.provenance.get("strategy", ""),
-                             "init_source": initialized.provenance.get("source", ""),
-                             "pretrain_run_id": initialized.provenance.get("pretrain_run_id", "")})
+                          "init_source": initialized.provenance.get("source", ""),
+                          "pretrain_run_id": initialized.provenance.get("pretrain_run_id", "")})
             model = plain = initialized.model.to(processes.device)
             if is_private:
                 _self_check(model, dataset, t, processes.device)

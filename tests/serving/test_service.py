@@ -275,13 +275,15 @@ def test_bentoml_serve_answers_over_real_http_with_auth_and_fifty_concurrent_req
             answers = list(pool.map(lambda _: post("predict", files={"image": ("x.png", image)}, headers=auth),
                                     range(50)))
         assert [a.status_code for a in answers] == [200] * 50
-        assert len({a.json()["probabilities"]["cardiomegaly"] for a in answers}) == 1
+        first = answers[0].json()["probabilities"]     # batched with different neighbours: equal to float rounding
+        assert all(a.json()["probabilities"] == pytest.approx(first, abs=1e-6) for a in answers)
         assert post("predict", files={"image": ("x.png", b"nonsense")}, headers=auth).status_code == 415
         hostile = hostile_corpus(study)
         for name, (payload, status) in hostile.items():
             answer = post("predict", files={"image": ("upload", payload)}, headers=auth)
             assert answer.status_code == status and answer.json()["error"], (name, answer.status_code, answer.text)
-        assert post("predict", files={"image": ("x.png", image)}, headers=auth).json() == answers[0].json()
+        after = post("predict", files={"image": ("x.png", image)}, headers=auth).json()
+        assert after["probabilities"] == pytest.approx(first, abs=1e-6) and after["privacy"] == privacy.json()["privacy"]
 
         # Load: 2,000 calls from 32 keep-alive callers, one in 20 hostile; no 5xx, and the memory stays flat.
         uploads = [payload for payload, _ in hostile.values()]
