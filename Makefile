@@ -22,7 +22,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # dvc.yaml and MLproject call `python`: make it this environment's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: setup data demo serve test browser check lint bench clean
+.PHONY: setup data demo serve test browser check lint bench clean tracking-server tracking-server-stop
 
 setup: $(STAMP) $(DP_CXR_WEB_ASSETS)/.fetched
 
@@ -63,6 +63,14 @@ demo: data
 # The inference API for the registered alias serve.alias (after `make demo`), on 127.0.0.1:3000.
 serve: setup
 	$(PY) -m serving.launch --port 3000
+
+# The team's MLflow server (PostgreSQL, basic auth, artifacts served) on 127.0.0.1:5000, its state in
+# .tracking-server/; then `source .tracking-server/env` points MLflow (and `make demo`, `dvc repro`) at it.
+tracking-server: setup
+	$(PY) -m pipelines.tracking_server start
+
+tracking-server-stop: setup
+	$(PY) -m pipelines.tracking_server stop
 
 # Two workers: the tests sharing the tiny study (xdist group tiny_project) run on one, everything else on the other.
 test: setup browser

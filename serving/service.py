@@ -140,9 +140,10 @@ class CXRClassifier:
         for attempt in range(MODEL_CALL_ATTEMPTS):    # served: the model service, batched across requests
             try:
                 return await self.classifier.to_async.scores(images)
-            except aiohttp.ClientConnectionError:
-                # The model service closed a keep-alive connection as this call reused it (seen under load);
-                # inference is idempotent, so again on a fresh connection.
+            except (aiohttp.ClientConnectionError, RuntimeError):
+                # BentoML's client replaces its HTTP session every 100 calls and closes the old one while other
+                # calls still use it ("Connection closed.", a reset or a disconnect under load); inference is
+                # idempotent, so again on the new session.
                 if attempt == MODEL_CALL_ATTEMPTS - 1:
                     raise
         raise AssertionError("unreachable")
