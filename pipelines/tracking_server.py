@@ -112,8 +112,14 @@ def start(folder: Path = DEFAULT_FOLDER, port: int = 5000, ready_timeout: float 
     command = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", postgres,
                "--serve-artifacts", "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1",
                "--port", str(port), "--app-name", "basic-auth", "--workers", "2"]
+    secret = folder / "flask_secret"        # the auth app's CSRF key: the same across restarts and workers
+    if not secret.is_file():
+        secret.write_text(secrets.token_urlsafe(32))
+        secret.chmod(0o600)
+    environment = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(auth),
+                   "MLFLOW_FLASK_SERVER_SECRET_KEY": secret.read_text()}
     with open(log, "a") as output:
-        process = subprocess.Popen(command, env={**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(auth)},
+        process = subprocess.Popen(command, env=environment,
                                    stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
     (folder / "server.pid").write_text(str(process.pid))
     deadline = time.monotonic() + ready_timeout

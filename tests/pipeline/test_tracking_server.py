@@ -37,12 +37,14 @@ def _parallel_cells(project, folder, monkeypatch):
             return subprocess.Popen(["python", "-m", *args], cwd=project.root, env=env, stdout=subprocess.PIPE,
                                     stderr=subprocess.STDOUT, text=True)
 
-        # Both pretrained models registered from two processes at once, then both cells trained at once.
-        for stage in ([run("pipelines.pretrain", "-P", f"pretrain.methods=[{method}]") for method in
-                       ("supervised", "ssl")], [run("pipelines.train", "--cell", cell) for cell in CELLS]):
-            for process in stage:
+        def together(*commands):
+            for process in [run(*command) for command in commands]:
                 output = process.communicate(timeout=600)[0]
                 assert process.returncode == 0, output[-3000:]
+
+        # Both pretrained models registered from two processes at once, then both cells trained at once.
+        together(*[("pipelines.pretrain", "-P", f"pretrain.methods=[{method}]") for method in ("supervised", "ssl")])
+        together(*[("pipelines.train", "--cell", cell) for cell in CELLS])
 
         for key, value in server.env().items():
             monkeypatch.setenv(key, value)
