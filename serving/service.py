@@ -137,16 +137,15 @@ class CXRClassifier:
     async def _scores(self, images: np.ndarray) -> np.ndarray:
         if not hasattr(self.classifier, "to_async"):  # one process (tests): a local instance
             return await asyncio.to_thread(self.classifier.scores, images)
-        for attempt in range(MODEL_CALL_ATTEMPTS):    # served: the model service, batched across requests
+        for _ in range(MODEL_CALL_ATTEMPTS - 1):      # served: the model service, batched across requests
             try:
                 return await self.classifier.to_async.scores(images)
             except (aiohttp.ClientConnectionError, RuntimeError):
                 # BentoML's client replaces its HTTP session every 100 calls and closes the old one while other
                 # calls still use it ("Connection closed.", a reset or a disconnect under load); inference is
                 # idempotent, so again on the new session.
-                if attempt == MODEL_CALL_ATTEMPTS - 1:
-                    raise
-        raise AssertionError("unreachable")
+                continue
+        return await self.classifier.to_async.scores(images)
 
     def _answer(self, scores: np.ndarray) -> dict:
         probabilities = {label: float(p) for label, p in zip(self.spec.labels, scores, strict=True)}
