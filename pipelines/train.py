@@ -27,10 +27,10 @@ STAGE = "train"
 
 
 def train(params: Params, resume: bool = False) -> dict[str, object]:
-    """Trains the cell ``params.train`` names in this process (see ``pipelines.training.run_training``).
+    """Trains the cell ``params.train`` names (see ``pipelines.training.run_training``).
 
-    With ``train.processes`` > 1 it starts ``train.processes`` processes under torchrun that train the cell
-    together (one MLflow run, one privacy record: rank 0's); started by torchrun, it trains its rank's shard.
+    With ``train.processes`` > 1 it starts that many processes under torchrun, which train the cell together (one
+    MLflow run, one privacy record: rank 0's); in a process torchrun started, it trains that rank's shard.
     """
     if params.train.processes > 1 and not launched_by_torchrun():
         return _in_processes(params, resume)
