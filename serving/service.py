@@ -1,10 +1,11 @@
-"""The DP-CXR inference API: a BentoML service around one registered classifier.
+"""The DP-CXR inference API: two BentoML services around one registered classifier.
 
     python -m serving.model_store                                  # registry alias -> BentoML model store
-    bentoml serve serving.service:CXRClassifier --host 127.0.0.1 --port 3000
+    bentoml serve serving.service:CXRClassifier --host 127.0.0.1 --port 3000   # starts both services
 
-Routes (all POST): ``/predict`` (one PNG, JPEG or DICOM upload, field ``image``), ``/predict_batch`` (a list,
-field ``images``; adaptive batching merges concurrent calls), ``/privacy``; BentoML's ``/healthz``,
+``CXRClassifier`` decodes and checks uploads; ``CXRModel`` runs the model on the arrays of concurrent requests,
+merged by BentoML's adaptive batching. Routes (all POST): ``/predict`` (one PNG, JPEG or DICOM upload, field
+``image``), ``/predict_batch`` (a list, field ``images``), ``/privacy``; BentoML's ``/healthz``,
 ``/livez``, ``/readyz`` and ``/metrics`` stay. Every answer carries the model's privacy guarantee. Images are
 decoded and preprocessed by the training code (``models.preprocessing``), so probabilities equal the offline
 model's. Bad input is a 4xx JSON error; images and DICOM tags are never logged. The configuration is
