@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from torch.utils.data import Dataset
 from models.convnext import create_model
 from models.labels import LABELS
 from models.privacy import Mechanism, Randomness, ends_logical_step, make_private
+from serving.launch import free_port
 
 POOL = 256          # distinct images: the data set repeats them, so its size costs no memory
 
@@ -154,12 +154,9 @@ def update_over(indices: list[int], side: int, device: torch.device) -> torch.Te
 
 def distributed_difference(side: int, backend: str) -> float:
     """Largest |update| difference between a 2-process step and one process over the union of their examples."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.start_processes(_rank_update, args=(2, port, backend, side, out), nprocs=2, start_method="spawn")
+        mp.start_processes(_rank_update, args=(2, free_port(), backend, side, out), nprocs=2, start_method="spawn")
         ranks = [out[0], out[1]]
     single = update_over(list(range(24)), side, torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu"))
     return max(float((rank - single).abs().max()) for rank in ranks)

@@ -18,7 +18,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from serving.launch import free_port
 
 POSTGRES_BIN = Path("/usr/lib/postgresql/15/bin")
 DEFAULT_FOLDER = Path(".tracking-server")
@@ -44,13 +45,6 @@ class TrackingServer:
         """The environment variables MLflow clients read."""
         return {"MLFLOW_TRACKING_URI": self.uri, "MLFLOW_TRACKING_USERNAME": self.username,
                 "MLFLOW_TRACKING_PASSWORD": self.password}
-
-
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _as_postgres(command: list[str]) -> list[str]:

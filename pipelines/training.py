@@ -199,9 +199,7 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
             inputs = None if public_images is None else InputCanaries(*public_images, q, randomness.canaries)
             if resume:
                 state = from_main(_resume(out, plain, optimizer, accountant, ledger) if main else None, processes)
-                share_training_state(plain, optimizer, processes)
-                if accountant is not None:
-                    accountant.history = from_main(accountant.history, processes)
+                share_training_state(plain, optimizer, processes)   # only rank 0's accountant is read
 
             spec = ModelSpec(size=t.model, image_size=params.base.image_size, init=initialized.provenance)
             steps_per_epoch = len(loader)

@@ -4,7 +4,6 @@ taking every logical step, and the same sigma, q and steps (so epsilon) as one p
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch.utils.data import TensorDataset
 from models.convnext import create_model
 from models.labels import LABELS
 from models.privacy import EveryStepSampler, Mechanism, Randomness, make_private, plan_mechanism
+from serving.launch import free_port
 
 N, SIDE, Q = 48, 32, 0.25
 UNION = [0, 3, 5, 8, 13, 21, 22, 30, 34, 40, 41, 47]       # the logical batch; rank r takes UNION[r::2]
@@ -77,10 +77,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ranks")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    mp.start_processes(_worker, args=(port, str(out)), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(free_port(), str(out)), nprocs=2, start_method="spawn")
     return [torch.load(out / f"rank{rank}.pt") for rank in (0, 1)]
 
 
