@@ -34,7 +34,6 @@ import numpy as np  # noqa: E402
 
 from models.auditing import AuditResult, audit_scores  # noqa: E402
 from models.privacy import json_value  # noqa: E402
-from models.tracking_store import tracking_uri  # noqa: E402
 from pipelines.cells import CellFlag  # noqa: E402
 from pipelines.config import Params  # noqa: E402
 from pipelines.stage import StageError, run_stage  # noqa: E402
@@ -57,8 +56,6 @@ def audit(params: Params) -> dict[str, object]:
         StageError: a lower bound exceeds the claimed epsilon (the implementation leaks more than it claims),
             or the run itself is refused (budget, delta, init provenance: as for train).
     """
-    import mlflow
-
     a = params.audit
     run = run_training(params, canaries=Canaries(a.canaries, a.magnitude, a.input_canaries))
     canaries = {"whitebox": run["canaries"], "blackbox": run["input_canaries"]}
@@ -80,15 +77,14 @@ def audit(params: Params) -> dict[str, object]:
         kind: {"included": c.included.tolist(), "sampled": c.sampled.tolist(), "scores": c.scores.tolist()}
         for kind, c in canaries.items()}))
     _plot(canaries, results, claimed, out / "scores.png")
-    # The audit's own run has ended (it may be a child of the study's run): log to it by id.
-    client, run_id = mlflow.MlflowClient(tracking_uri()), str(run["run_id"])
-    for kind, r in results.items():
-        for key, value in {"epsilon_lower": r.epsilon_lower, "epsilon_lower_fdp": r.epsilon_lower_fdp,
-                           "canaries": r.m, "guesses": r.guesses, "correct": r.correct}.items():
-            client.log_metric(run_id, f"audit.{key}.{kind}", value)
-    client.set_tag(run_id, "audit.passed", str(passed).lower())
+    log = run["tracking"]           # the audit's run has ended; its results join its record
+    log.log_metrics({f"audit.{key}.{kind}": value for kind, r in results.items()
+                     for key, value in {"epsilon_lower": r.epsilon_lower, "epsilon_lower_fdp": r.epsilon_lower_fdp,
+                                        "canaries": r.m, "guesses": r.guesses, "correct": r.correct}.items()})
+    log.set_tags({"audit.passed": str(passed).lower()})
     for name in ("audit.json", "scores.png"):
-        client.log_artifact(run_id, str(out / name))
+        log.log_artifact(out / name)
+    log.release()
     for kind, r in results.items():
         print(f"audit: {run['cell']}: {kind} epsilon >= {r.epsilon_lower:.3f} (one-run), >= "
               f"{r.epsilon_lower_fdp:.3f} (f-DP), m = {r.m}", file=sys.stderr)

@@ -7,8 +7,9 @@ process on it — finished, failed, killed, rerun or resumed alike — appends i
 it runs to the data set's ledger, in two places: a local append-only file (``privacy.ledger/<data set>.jsonl``,
 outside ``artifacts/``, so ``dvc repro``, rerunning a cell or deleting ``artifacts/`` never resets it), and the
 MLflow tracking store (experiment ``dp-cxr-privacy-ledger``, one run per training process, its ``steps`` metric
-updated every epoch), so every user of a shared tracking server sees it. The spent epsilon is the PLD
-composition (``dp_accounting``) of every step of every run, at ``train.delta``.
+updated every epoch; ``python -m pipelines.tracking_journal sync`` completes it after an outage), so every user of a
+shared tracking server sees it. The spent epsilon is the PLD composition (``dp_accounting``) of every step of
+every run, at ``train.delta``.
 
     python -m pipelines.budget        # per data set: runs, steps, epsilon spent, what is left of privacy.budget
 """
@@ -66,6 +67,7 @@ class LedgerRun:
     def __init__(self, folder: Path, data_set: DataSet, cell: str, sigma: float, q: float, planned_steps: int) -> None:
         self.path = folder / f"{data_set.key}.jsonl"
         self.id, self.sigma, self.q, self.steps = uuid.uuid4().hex, sigma, q, 0
+        self.data_set, self.cell = data_set, cell
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._append({"event": "start", "run": self.id, "cell": cell, "sigma": sigma, "q": q,
                       "planned_steps": planned_steps, "data_set": data_set.__dict__})
@@ -76,14 +78,19 @@ class LedgerRun:
         self.steps += 1
         self._append({"run": self.id, "sigma": self.sigma, "q": self.q})
 
-    def sync(self, epoch: int) -> None:
-        """Brings the tracking store's copy up to the local count (every epoch)."""
-        _mlflow_call(lambda client: client.log_metric(self._mlflow_run, "steps", self.steps, step=epoch))
+    def sync(self) -> None:
+        """Brings the tracking store's copy up to the local count (every epoch).
+
+        The count is logged at step = the count, so the store's latest ``steps`` is the largest ever logged.
+        """
+        if self._mlflow_run is None:        # the store did not answer when the run started
+            self._mlflow_run = _mlflow_open(self.data_set, self, self.cell)
+        _mlflow_call(lambda client: client.log_metric(self._mlflow_run, "steps", self.steps, step=self.steps))
 
     def close(self, status: str) -> None:
         """Marks the run ended (``FINISHED``, ``FAILED`` or ``KILLED``) with its final step count."""
         self._append({"event": "end", "run": self.id, "status": status, "steps": self.steps})
-        _mlflow_call(lambda client: (client.log_metric(self._mlflow_run, "steps", self.steps),
+        _mlflow_call(lambda client: (client.log_metric(self._mlflow_run, "steps", self.steps, step=self.steps),
                                      client.set_terminated(self._mlflow_run, status)))
 
     def _append(self, entry: dict[str, object]) -> None:
@@ -110,6 +117,51 @@ def histories(folder: Path, data_set: DataSet) -> dict[str, History]:
         if steps > local:      # the tracking store saw more of this run than this machine's file holds
             runs[run_id] = Counter({(sigma, q): steps})
     return {run_id: [(sigma, q, n) for (sigma, q), n in counts.items()] for run_id, counts in runs.items() if counts}
+
+
+def sync_ledgers(folder: Path) -> int | None:
+    """Brings the tracking store's copy of every local ledger up to the local files (after an outage).
+
+    A run the store never heard of is added; one whose ``steps`` fall short of the local count gets the local
+    count; one that ended locally is ended there. Other machines compose their budgets from that copy.
+
+    Returns:
+        How many runs were brought up to date, or None when the store did not answer.
+    """
+    local: dict[str, dict[str, object]] = {}
+    for path in sorted(folder.glob("*.jsonl")) if folder.is_dir() else []:
+        for line in path.read_text().splitlines():
+            entry = json.loads(line) if line.strip() else {}
+            if entry.get("event") == "start":
+                local[entry["run"]] = {"start": entry, "steps": 0, "status": None}
+            elif entry.get("event") == "end":
+                local[entry["run"]]["status"] = entry["status"]
+            elif "run" in entry:
+                local[entry["run"]]["steps"] += 1
+
+    def update(client: object) -> int:
+        found = client.get_experiment_by_name(EXPERIMENT)
+        stored = {r.data.tags["ledger.run"]: r for r in (client.search_runs([found.experiment_id], max_results=50000)
+                                                          if found else [])}
+        updated = 0
+        for run_id, entry in local.items():
+            start, stored_run = entry["start"], stored.get(run_id)
+            if stored_run is None:
+                mlflow_run = _create(client, DataSet(**start["data_set"]), run_id, start["cell"], start["sigma"],
+                                     start["q"])
+                stored_steps, status = 0, "RUNNING"
+            else:
+                mlflow_run = stored_run.info.run_id
+                stored_steps, status = int(stored_run.data.metrics.get("steps", 0)), stored_run.info.status
+            if stored_steps >= entry["steps"] and (entry["status"] is None or status == entry["status"]):
+                continue
+            client.log_metric(mlflow_run, "steps", entry["steps"], step=entry["steps"])
+            if entry["status"] is not None:
+                client.set_terminated(mlflow_run, entry["status"])
+            updated += 1
+        return updated
+
+    return _mlflow_call(update) if local else 0
 
 
 def composed_epsilon(history: History, delta: float) -> float:
@@ -173,9 +225,11 @@ def _mlflow_call(call: object) -> object:
     import mlflow
 
     from models.tracking_store import tracking_uri
+    from pipelines.tracking import failing_fast
 
     try:
-        return call(mlflow.MlflowClient(tracking_uri()))
+        with failing_fast():       # never hold training up: the local ledger is the record
+            return call(mlflow.MlflowClient(tracking_uri()))
     except Exception as error:  # noqa: BLE001 (any tracking failure: the run must not lose its local record)
         print(f"budget: warning: the tracking store did not take the ledger entry ({type(error).__name__}); "
               f"the local ledger has it", file=sys.stderr)
@@ -187,16 +241,17 @@ def _experiment(client: object) -> str:
     return found.experiment_id if found else client.create_experiment(EXPERIMENT)
 
 
-def _mlflow_open(data_set: DataSet, run: LedgerRun, cell: str) -> str | None:
-    def create(client: object) -> str:
-        created = client.create_run(_experiment(client), run_name=f"{cell}:{run.id[:8]}", tags={
-            "ledger.data_set": data_set.key, "ledger.run": run.id, "ledger.cell": cell,
-            "ledger.data_version": data_set.data_version, "ledger.prepare_digest": data_set.prepare_digest,
-            "ledger.unit": data_set.unit, "ledger.sigma": repr(run.sigma), "ledger.q": repr(run.q)})
-        client.log_metric(created.info.run_id, "steps", 0)
-        return created.info.run_id
+def _create(client: object, data_set: DataSet, run_id: str, cell: str, sigma: float, q: float) -> str:
+    created = client.create_run(_experiment(client), run_name=f"{cell}:{run_id[:8]}", tags={
+        "ledger.data_set": data_set.key, "ledger.run": run_id, "ledger.cell": cell,
+        "ledger.data_version": data_set.data_version, "ledger.prepare_digest": data_set.prepare_digest,
+        "ledger.unit": data_set.unit, "ledger.sigma": repr(sigma), "ledger.q": repr(q)})
+    client.log_metric(created.info.run_id, "steps", 0)
+    return created.info.run_id
 
-    return _mlflow_call(create)
+
+def _mlflow_open(data_set: DataSet, run: LedgerRun, cell: str) -> str | None:
+    return _mlflow_call(lambda client: _create(client, data_set, run.id, cell, run.sigma, run.q))
 
 
 def _mlflow_entries(data_set: DataSet) -> list[tuple[str, float, float, int]]:

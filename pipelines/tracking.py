@@ -37,6 +37,26 @@ def git_commit() -> str:
         return "unknown"
 
 
+# While training, a call to the store fails at once instead of retrying for minutes (MLflow's default backoff):
+# the run's journal (``pipelines.tracking_journal``), not the HTTP client, bridges an outage.
+FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+@contextmanager
+def failing_fast() -> Iterator[None]:
+    """MLflow HTTP calls inside the block give up after one try of at most 10 s."""
+    saved = {key: os.environ.get(key) for key in FAIL_FAST}
+    os.environ.update(FAIL_FAST)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 # The MLflow run a process's stage runs are children of, when another process opened it (the study's, for a
 # grid cell trained under torchrun).
 PARENT_RUN_ENV = "DP_CXR_PARENT_RUN_ID"
@@ -97,26 +117,17 @@ def flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def _cell_runs(cell: str, status: str | None = None) -> list[object]:
+def _cell_runs(cell: str) -> list[object]:
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
     client = mlflow.MlflowClient()
     experiments = [x.experiment_id for x in client.search_experiments()]
-    query = f"tags.`dp_cxr.cell` = '{cell}'" + (f" and attributes.status = '{status}'" if status else "")
-    return client.search_runs(experiments, query, order_by=["attributes.start_time DESC"])
-
-
-def close_abandoned_runs(cell: str) -> None:
-    """Marks runs of ``cell`` still "running" (their process was killed outright) as failed."""
-    import mlflow
-
-    for run in _cell_runs(cell, "RUNNING"):
-        mlflow.MlflowClient().set_terminated(run.info.run_id, "FAILED")
-        mlflow.MlflowClient().set_tag(run.info.run_id, "dp_cxr.abandoned", "killed before it ended")
+    return client.search_runs(experiments, f"tags.`dp_cxr.cell` = '{cell}'", order_by=["attributes.start_time DESC"])
 
 
 def cell_run_id(cell: str) -> str | None:
     """The newest MLflow run that trained grid cell ``cell`` (tag ``dp_cxr.cell``), in any experiment."""
     runs = _cell_runs(cell)
     return runs[0].info.run_id if runs else None
+

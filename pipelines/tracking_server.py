@@ -55,6 +55,8 @@ def _as_postgres(command: list[str]) -> list[str]:
 def start_postgres(folder: Path, port: int) -> str:
     """Initialises (once) and starts PostgreSQL on 127.0.0.1:``port`` with its data in ``folder``; its URI.
 
+    A PostgreSQL of ``folder`` already running is used as it is (on its own port).
+
     Raises:
         RuntimeError: PostgreSQL is not installed or did not start; the message says where its log is.
     """
@@ -68,9 +70,16 @@ def start_postgres(folder: Path, port: int) -> str:
         subprocess.run(_as_postgres([str(POSTGRES_BIN / "initdb"), "-D", str(data), "-U", "mlflow", "--auth=trust",
                                      "-E", "UTF8"]), check=True, capture_output=True)
     log = folder / "postgres.log"
-    subprocess.run(_as_postgres([str(POSTGRES_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-o",
-                                 f"-h 127.0.0.1 -p {port} -k {folder.resolve()}", "start"]),
-                   check=True, capture_output=True)
+    port_file = folder / "postgres.port"
+    status = subprocess.run(_as_postgres([str(POSTGRES_BIN / "pg_ctl"), "-D", str(data), "status"]),
+                            capture_output=True)
+    if status.returncode == 0 and port_file.is_file():     # still running (only mlflow server stopped): reuse it
+        port = int(port_file.read_text())
+    else:
+        subprocess.run(_as_postgres([str(POSTGRES_BIN / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-o",
+                                     f"-h 127.0.0.1 -p {port} -k {folder.resolve()}", "start"]),
+                       check=True, capture_output=True)
+        port_file.write_text(str(port))
     created = subprocess.run([str(POSTGRES_BIN / "createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", "mlflow",
                               "mlflow"], capture_output=True, text=True)
     if created.returncode and "already exists" not in created.stderr:
@@ -95,9 +104,11 @@ def start(folder: Path = DEFAULT_FOLDER, port: int = 5000, ready_timeout: float 
     else:
         password = secrets.token_urlsafe(18)
     auth = folder / "basic_auth.ini"
+    # MLflow's credential cache (HMAC-keyed, in the server's memory, 5 minutes): without it every request pays a
+    # deliberate slow password hash, ~0.3 s here, which is most of a logging call's time.
     auth.write_text(f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {postgres}\n"
                     f"admin_username = admin\nadmin_password = {password}\nauthorization_function = "
-                    f"mlflow.server.auth:authenticate_request_basic_auth\n")
+                    f"mlflow.server.auth:authenticate_request_basic_auth\nauth_cache_ttl_seconds = 300\n")
     auth.chmod(0o600)
     server = TrackingServer(f"http://127.0.0.1:{port}", "admin", password, folder)
     credentials.write_text("".join(f"export {k}={v}\n" for k, v in server.env().items()))
@@ -110,8 +121,10 @@ def start(folder: Path = DEFAULT_FOLDER, port: int = 5000, ready_timeout: float 
     if not secret.is_file():
         secret.write_text(secrets.token_urlsafe(32))
         secret.chmod(0o600)
+    # MLflow 3's job runner (GenAI scorers, trace roll-ups) is not used here: its half-dozen worker processes
+    # would only take cores from training.
     environment = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(auth),
-                   "MLFLOW_FLASK_SERVER_SECRET_KEY": secret.read_text()}
+                   "MLFLOW_FLASK_SERVER_SECRET_KEY": secret.read_text(), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     with open(log, "a") as output:
         process = subprocess.Popen(command, env=environment,
                                    stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
@@ -132,12 +145,23 @@ def start(folder: Path = DEFAULT_FOLDER, port: int = 5000, ready_timeout: float 
 def stop_server(folder: Path = DEFAULT_FOLDER) -> None:
     """Stops ``mlflow server`` (its process group), leaving PostgreSQL running."""
     pid_file = folder / "server.pid"
-    if pid_file.is_file():
-        try:
-            os.killpg(int(pid_file.read_text()), signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        pid_file.unlink()
+    if not pid_file.is_file():
+        return
+    group = int(pid_file.read_text())
+    try:
+        os.killpg(group, signal.SIGTERM)
+        deadline = time.monotonic() + 30     # until its port is free for a restart
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                os.waitpid(group, os.WNOHANG)     # reap it when this process started it (no zombie left)
+            except ChildProcessError:
+                pass
+            os.killpg(group, 0)
+        os.killpg(group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    pid_file.unlink()
 
 
 def stop(folder: Path = DEFAULT_FOLDER) -> None:

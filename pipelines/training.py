@@ -67,7 +67,8 @@ from pipelines.data.store import METADATA, SiteStore, open_site
 from pipelines.metrics import mean_auroc
 from pipelines.processes import Processes, from_main, share_training_state
 from pipelines.stage import StageError, compute_device
-from pipelines.tracking import close_abandoned_runs, data_version, flatten, stage_run
+from pipelines.tracking import data_version, flatten
+from pipelines.tracking_journal import tracked_run
 
 # Opacus' hooks on the first layer (whose input needs no gradient) trigger this torch warning every step.
 warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed")
@@ -97,7 +98,8 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
     budget ledger before it runs. The MLflow run (``train@<cell>``) gets the resolved configuration at once and,
     after every epoch, the val mean AUROC and the epsilon spent so far; a run that fails or is stopped (SIGTERM,
     Ctrl-C) is marked failed with the epsilon it spent, and one killed outright is marked failed by the next
-    run of its cell.
+    run that starts. The run is journalled (``pipelines.tracking_journal``): if the tracking store does not
+    answer, training goes on and the record is uploaded when it does.
 
     Args:
         params: the resolved configuration (``params.train`` is the cell).
@@ -116,8 +118,6 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
         StageError: delta not below 1/N, the budget would be exceeded, a resumed run's settings differ, the
             per-sample gradient self-check failed, the accounting cross-check failed, or nothing to resume.
     """
-    import mlflow
-
     t = params.train
     cell = t.cell
     processes = processes or Processes(0, 1, compute_device(params))
@@ -160,10 +160,8 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
     val_rows, val_meta = store.split("val")
     val_images, val_labels = np.asarray(store.images[val_rows]), val_meta[list(LABELS)].to_numpy()
 
-    if canaries is None and main:
-        close_abandoned_runs(cell)
-    log = mlflow if main else _Unlogged()      # one MLflow run per cell, whatever the number of processes
-    with stage_run(stage, name=name) if main else nullcontext(), _stopped_by_sigterm():
+    # One MLflow run per cell, whatever the number of processes; journalled, so the tracking store never stops it.
+    with tracked_run(stage, name) if main else nullcontext(_Unlogged()) as log, _stopped_by_sigterm():
         log.set_tags({"dp_cxr.cell" if canaries is None else "dp_cxr.audited_cell": cell,
                       "privacy_unit": t.unit, "resumed": str(resume).lower(),
                       "noise_seed": randomness.kind, "privacy.data_set": data_set.key})
@@ -212,7 +210,7 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
                     _private_epoch(model, optimizer, loader, t, ledgers, (sigma, q), progress, audit, inputs,
                                    processes.device)
                     if budget_run is not None:
-                        budget_run.sync(epoch)
+                        budget_run.sync()
                 else:
                     _plain_epoch(model, optimizer, loader, t, ledgers, q * n, progress, audit, inputs,
                                  processes.device)
@@ -226,8 +224,8 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
                 val_auroc = mean_auroc(val_labels, predict(plain, val_images))
                 state["history"].append({"epoch": epoch, "val_mean_auroc": val_auroc, "epsilon": state["epsilon"],
                                          "steps": state["step"]})
-                mlflow.log_metrics({"val_mean_auroc": val_auroc, "epsilon": _metric(state["epsilon"]),
-                                    "steps": state["step"]}, step=epoch)
+                log.log_metrics({"val_mean_auroc": val_auroc, "epsilon": _metric(state["epsilon"]),
+                                 "steps": state["step"]}, step=epoch)
                 print(f"{stage}: epoch {epoch}: val mean AUROC {val_auroc:.4f}, epsilon {state['epsilon']:.3f}, "
                       f"{state['step']} steps", file=sys.stderr)
                 if val_auroc > state["best_auroc"] or state["best_epoch"] == 0:
@@ -255,7 +253,7 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
                 inputs.score(plain)
             return {"cell": cell, "canaries": audit, "input_canaries": inputs, "epsilon": claimed["reported"],
                     "delta": t.delta,
-                    "run_id": mlflow.active_run().info.run_id, "out": out,
+                    "tracking": log, "out": out,
                     "noise_multiplier": sigma, "sample_rate": q, "steps": ledger.steps(), "n": n,
                     "noise_seed": randomness.kind, "data_set": data_set.key}
 
@@ -263,13 +261,14 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
                                  initialized.provenance, randomness, data_set, settings, processes.count)
         (out / "privacy.json").write_text(record.to_json())
         (out / "history.json").write_text(json.dumps(state["history"], indent=2))
-        mlflow.set_tag("prepare_digest", record.prepare_digest)
-        mlflow.log_metrics({"final_epsilon": _metric(record.epsilon), "epsilon_spent": _metric(record.epsilon),
-                            "data_set_epsilon": _metric(record.data_set_epsilon),
-                            "best_val_mean_auroc": state["best_auroc"], "best_epoch": state["best_epoch"],
-                            "steps": record.steps})
+        log.set_tags({"prepare_digest": record.prepare_digest})
+        log.log_metrics({"final_epsilon": _metric(record.epsilon), "epsilon_spent": _metric(record.epsilon),
+                         "data_set_epsilon": _metric(record.data_set_epsilon),
+                         "best_val_mean_auroc": state["best_auroc"], "best_epoch": state["best_epoch"],
+                         "steps": record.steps})
         for name in ("privacy.json", "spec.json", "history.json"):
-            mlflow.log_artifact(str(out / name))
+            log.log_artifact(out / name)
+        log.release()
     print(f"train: {cell}: best epoch {state['best_epoch']} (val mean AUROC {state['best_auroc']:.4f}), "
           f"epsilon {record.epsilon:.3f} at delta {t.delta:g} after {record.steps} steps -> {out}", file=sys.stderr)
     return {"cell": cell, "epsilon": record.epsilon, "best_epoch": state["best_epoch"],

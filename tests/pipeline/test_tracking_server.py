@@ -67,3 +67,4 @@ def _parallel_cells(project, folder, monkeypatch):
         trained = [r.data.tags["init_source"] for r in runs]
         assert trained == ["models:/dp-cxr-pretrain-micro@current"] * 2                  # the server's registry
     mlflow.set_tracking_uri(None)
+

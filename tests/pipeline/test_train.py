@@ -87,7 +87,8 @@ def test_private_run_records_its_guarantee(workspace):
                                      "best_epoch"}
     assert set(run.data.params) == set(flatten(p.model_dump()))
     assert {t for t in run.data.tags if not t.startswith("mlflow.")} == {
-        "dp_cxr.stage", "dp_cxr.cell", "git_commit", "data_version", "privacy_unit", "resumed", "noise_seed",
+        "dp_cxr.stage", "dp_cxr.cell", "dp_cxr.run_key", "git_commit", "data_version", "privacy_unit", "resumed",
+        "noise_seed",
         "privacy.data_set", "init_strategy", "init_source", "pretrain_run_id", "prepare_digest", "processes", "device"}
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"privacy.json", "spec.json", "history.json"}
     assert {k for row in json.loads((out / "history.json").read_text()) for k in row} == {

@@ -1,0 +1,99 @@
+"""A run's MLflow record survives a tracking store that does not answer: journalled, uploaded once, never twice."""
+
+import json
+import time
+
+import mlflow
+import pytest
+
+from pipelines.tracking_journal import Journal, TrackedRun, sync, tracked_run
+from serving.launch import free_port
+
+
+@pytest.fixture
+def stores(tmp_path, monkeypatch):
+    """An unreachable tracking server (nothing listens on its port) and a reachable SQLite store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    yield tmp_path
+    mlflow.set_tracking_uri(None)
+
+
+def _reachable(monkeypatch, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return mlflow.MlflowClient(uri)
+
+
+def _record(run: TrackedRun, artifact) -> None:
+    run.set_tags({"dp_cxr.cell": "scratch-8-atto-1.0-0", "privacy_unit": "image"})
+    run.log_params({"train.epsilon": 8.0, "train.epochs": 2})
+    for epoch in (1, 2):
+        run.log_metrics({"val_mean_auroc": 0.5 + epoch / 10, "epsilon": 4.0 * epoch}, step=epoch)
+    run.log_artifact(artifact)
+
+
+def test_an_offline_run_goes_on_and_sync_uploads_it_once(stores, monkeypatch, capsys):
+    artifact = stores / "privacy.json"
+    artifact.write_text('{"epsilon": 8.0}')
+    started = time.monotonic()
+    with tracked_run("train", "train@scratch-8-atto-1.0-0") as run:
+        _record(run, artifact)
+    run.release()
+    assert time.monotonic() - started < 30                 # no retries with backoff: each call fails at once
+    err = capsys.readouterr().err
+    assert err.count("did not answer") == 1 and "python -m pipelines.tracking_journal sync" in err
+    artifact.write_text("changed after logging")           # the journal kept the file as logged
+    [folder] = (stores / ".mlflow-journal").iterdir()
+
+    assert sync() == {"uploaded": 0, "in_progress": 0, "unreachable": 1} and folder.is_dir()
+    client = _reachable(monkeypatch, stores)
+    assert sync() == {"uploaded": 1, "in_progress": 0, "unreachable": 0}
+    assert not folder.exists()                             # the store holds it all: the journal is gone
+    [logged] = client.search_runs([client.get_experiment_by_name("dp-cxr").experiment_id])
+    assert logged.info.run_name == "train@scratch-8-atto-1.0-0" and logged.info.status == "FINISHED"
+    assert logged.data.params == {"train.epsilon": "8.0", "train.epochs": "2"}
+    assert logged.data.tags["dp_cxr.stage"] == "train" and logged.data.tags["privacy_unit"] == "image"
+    history = client.get_metric_history(logged.info.run_id, "epsilon")
+    assert [(m.step, m.value) for m in sorted(history, key=lambda m: m.step)] == [(1, 4.0), (2, 8.0)]
+    downloaded = client.download_artifacts(logged.info.run_id, "privacy.json", str(stores))
+    assert json.loads(open(downloaded).read()) == {"epsilon": 8.0}
+    assert sync() == {"uploaded": 0, "in_progress": 0, "unreachable": 0}
+    assert len(client.search_runs([logged.info.experiment_id])) == 1
+
+
+def test_an_upload_whose_answer_was_lost_duplicates_nothing(stores, monkeypatch):
+    """The store took part of the record, but the client never heard: the next upload sends only the rest."""
+    from pipelines.tracking_journal import upload
+
+    client = _reachable(monkeypatch, stores)
+    artifact = stores / "spec.json"
+    artifact.write_text("{}")
+    run = TrackedRun.open("train", "train@scratch-1-atto-1.0-0")
+    _record(run, artifact)
+    run.end("FINISHED")
+    run.release()
+    journal = run.journal
+    journal.acknowledge(0)                                  # as if every answer had been lost
+    journal.append({"op": "metrics", "metrics": {"epsilon": 9.0}, "step": 3, "timestamp": 1})
+    assert upload(journal) == run.run_id
+    assert sorted((m.step, m.value) for m in client.get_metric_history(run.run_id, "epsilon")) == [
+        (1, 4.0), (2, 8.0), (3, 9.0)]
+    assert len(client.get_metric_history(run.run_id, "val_mean_auroc")) == 2
+    assert [a.path for a in client.list_artifacts(run.run_id)] == ["spec.json"]
+    assert len(client.search_runs([client.get_run(run.run_id).info.experiment_id])) == 1
+
+
+def test_a_run_whose_process_died_is_closed_as_failed_and_a_live_one_is_left_alone(stores, monkeypatch):
+    live = TrackedRun.open("train", "train@live")
+    died = TrackedRun.open("train", "train@died")
+    died.log_metrics({"epsilon": 1.0}, step=1)
+    died.release()                                          # as the kernel does when the process dies
+    client = _reachable(monkeypatch, stores)
+    assert sync() == {"uploaded": 1, "in_progress": 1, "unreachable": 0}
+    [logged] = client.search_runs([client.get_experiment_by_name("dp-cxr").experiment_id])
+    assert logged.info.run_name == "train@died" and logged.info.status == "FAILED"
+    assert logged.data.tags["dp_cxr.abandoned"] == "killed before it ended" and logged.data.metrics["epsilon"] == 1.0
+    live.end("FINISHED")                                    # the store answers again: the live run catches up itself
+    assert live.run_id is not None and client.get_run(live.run_id).info.status == "FINISHED"
+    assert Journal(live.journal.folder).complete()
