@@ -117,17 +117,11 @@ def flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def _cell_runs(cell: str) -> list[object]:
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri())
-    client = mlflow.MlflowClient()
-    experiments = [x.experiment_id for x in client.search_experiments()]
-    return client.search_runs(experiments, f"tags.`dp_cxr.cell` = '{cell}'", order_by=["attributes.start_time DESC"])
-
-
 def cell_run_id(cell: str) -> str | None:
     """The newest MLflow run that trained grid cell ``cell`` (tag ``dp_cxr.cell``), in any experiment."""
-    runs = _cell_runs(cell)
-    return runs[0].info.run_id if runs else None
+    import mlflow
 
+    client = mlflow.MlflowClient(tracking_uri())
+    experiments = [x.experiment_id for x in client.search_experiments()]
+    runs = client.search_runs(experiments, f"tags.`dp_cxr.cell` = '{cell}'", order_by=["attributes.start_time DESC"])
+    return runs[0].info.run_id if runs else None

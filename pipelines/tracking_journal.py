@@ -240,8 +240,8 @@ def upload(journal: Journal) -> str:
         elif op["op"] == "metrics":
             for key in op["metrics"]:
                 if key not in histories:
-                    histories[key] = {(m.step, m.timestamp, _same(m.value)) for m in client.get_metric_history(run_id,
-                                                                                                                key)}
+                    histories[key] = {(m.step, m.timestamp, _same(m.value))
+                                      for m in client.get_metric_history(run_id, key)}
             op = {**op, "metrics": {k: v for k, v in op["metrics"].items()
                                     if (op["step"], op["timestamp"], _same(v)) not in histories[k]}}
         elif op["op"] == "artifact" and op["name"] in artifacts:
