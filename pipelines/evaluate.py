@@ -277,7 +277,7 @@ def _log(params: Params, cells: list[Cell], results: pd.DataFrame, private: str)
                             f"{scope}.mean_auroc_ci_high": row.ci_high}
             clean = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
             mlflow.log_metrics({f"{cell.name}.{k}": v for k, v in clean.items()})
-            run_id = cell_run_id(cell.name)
+            run_id = cell_run_id(cell.name, cell.folder)
             if run_id:
                 for key, value in clean.items():
                     client.log_metric(run_id, key, value)

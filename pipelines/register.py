@@ -248,7 +248,7 @@ def version_tags(cell: Cell, params: Params, results: pd.DataFrame, fairness: pd
              "pretrain_run_id": record.get("init", {}).get("pretrain_run_id", ""),
              "model_size": cell.train.model, "image_size": str(params.base.image_size), "cell": cell.name,
              "data_version": _text(record.get("data_version")), "git_commit": git_commit(),
-             "train_run_id": cell_run_id(cell.name) or "",
+             "train_run_id": cell_run_id(cell.name, cell.folder) or "",
              "test_site": private_site, "test_mean_auroc": f"{mean['value']:.4f}",
              "test_mean_auroc_ci95": f"[{mean['ci_low']:.4f}, {mean['ci_high']:.4f}]",
              "thresholds": json.dumps(dict(zip(labels, thresholds["cells"][cell.name], strict=True))),

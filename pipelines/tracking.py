@@ -7,6 +7,7 @@ artifacts in ``mlruns/``; ``MLFLOW_TRACKING_URI`` points everything at a remote 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from collections.abc import Iterator
@@ -18,6 +19,8 @@ import yaml
 from models.tracking_store import tracking_uri
 
 EXPERIMENT = "dp-cxr"
+# Beside a trained model: the key (tag ``dp_cxr.run_key``) of the MLflow run that trained it.
+RUN_KEY_FILE = "tracking.json"
 DATA_DVC = Path("data.dvc")
 
 
@@ -117,11 +120,19 @@ def flatten(tree: dict[str, object], prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def cell_run_id(cell: str) -> str | None:
-    """The newest MLflow run that trained grid cell ``cell`` (tag ``dp_cxr.cell``), in any experiment."""
+def cell_run_id(cell: str, folder: Path) -> str | None:
+    """The MLflow run that trained grid cell ``cell`` into ``folder``, in any experiment.
+
+    Found by the run key the train stage wrote beside the model (``RUN_KEY_FILE``): exact, whatever other runs
+    share the cell's name (reruns, experiments run in parallel). For an output without one, the newest run tagged
+    with the cell.
+    """
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri())
     experiments = [x.experiment_id for x in client.search_experiments()]
-    runs = client.search_runs(experiments, f"tags.`dp_cxr.cell` = '{cell}'", order_by=["attributes.start_time DESC"])
+    key_file = folder / RUN_KEY_FILE
+    query = (f"tags.`dp_cxr.run_key` = '{json.loads(key_file.read_text())['run_key']}'" if key_file.is_file()
+             else f"tags.`dp_cxr.cell` = '{cell}'")
+    runs = client.search_runs(experiments, query, order_by=["attributes.start_time DESC"])
     return runs[0].info.run_id if runs else None

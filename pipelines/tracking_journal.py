@@ -141,6 +141,11 @@ class TrackedRun:
                               "dp_cxr.run_key": key}})
         return run
 
+    @property
+    def key(self) -> str:
+        """The run's key: its journal's name and its ``dp_cxr.run_key`` tag."""
+        return self.journal.folder.name
+
     def set_tags(self, tags: dict[str, object]) -> None:
         """Sets tags (values as strings)."""
         self._record({"op": "tags", "tags": {key: str(value) for key, value in tags.items()}})

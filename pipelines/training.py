@@ -10,10 +10,11 @@ same loop, without clipping or noise.
 
 A train run writes under ``<artifacts>/train/<cell>/``: ``model.safetensors`` + ``spec.json`` (the selected
 weights), ``privacy.json`` (the privacy record), ``history.json`` (per-epoch val AUROC, epsilon spent, steps),
-``checkpoint/`` (every epoch: weights, optimizer, accountant history, RNG state, step) and ``ledger.jsonl`` (one
-line per executed step); a resumed run's accountant counts every step the ledger recorded, including those after
-the last checkpoint. An audit run (``canaries``) trains the same configuration with gradient canaries and writes
-only its ledger and the canaries' scores under ``<artifacts>/audit/<cell>/``: its model is never saved.
+``checkpoint/`` (every epoch: weights, optimizer, accountant history, RNG state, step), ``ledger.jsonl`` (one line
+per executed step) and ``tracking.json`` (the key of its MLflow run); a resumed run's accountant counts every step
+the ledger recorded, including those after the last checkpoint. An audit run (``canaries``) trains the same
+configuration with gradient canaries and writes only its ledger and the canaries' scores under
+``<artifacts>/audit/<cell>/``: its model is never saved.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ from pipelines.data.store import METADATA, SiteStore, open_site
 from pipelines.metrics import mean_auroc
 from pipelines.processes import Processes, from_main, share_training_state
 from pipelines.stage import StageError, compute_device
-from pipelines.tracking import data_version, flatten
+from pipelines.tracking import RUN_KEY_FILE, data_version, flatten
 from pipelines.tracking_journal import tracked_run
 
 # Opacus' hooks on the first layer (whose input needs no gradient) trigger this torch warning every step.
@@ -261,6 +262,7 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
                                  initialized.provenance, randomness, data_set, settings, processes.count)
         (out / "privacy.json").write_text(record.to_json())
         (out / "history.json").write_text(json.dumps(state["history"], indent=2))
+        (out / RUN_KEY_FILE).write_text(json.dumps({"run_key": log.key}))
         log.set_tags({"prepare_digest": record.prepare_digest})
         log.log_metrics({"final_epsilon": _metric(record.epsilon), "epsilon_spent": _metric(record.epsilon),
                          "data_set_epsilon": _metric(record.data_set_epsilon),

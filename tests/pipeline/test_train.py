@@ -21,7 +21,7 @@ from pipelines.data.schema import LABELS
 from pipelines.data.source import source_manifest
 from pipelines.data.store import open_site
 from pipelines.metrics import bootstrap_indices, mean_auroc
-from pipelines.tracking import flatten
+from pipelines.tracking import cell_run_id, flatten
 from pipelines.train import main as train_command
 from pipelines.train import train
 from tests.conftest import PRIVATE
@@ -91,6 +91,9 @@ def test_private_run_records_its_guarantee(workspace):
         "noise_seed",
         "privacy.data_set", "init_strategy", "init_source", "pretrain_run_id", "prepare_digest", "processes", "device"}
     assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"privacy.json", "spec.json", "history.json"}
+    # The output names its run by key: later stages find this run, not another of the same cell's name.
+    assert json.loads((out / "tracking.json").read_text())["run_key"] == run.data.tags["dp_cxr.run_key"]
+    assert cell_run_id(p.train.cell, out) == run.info.run_id
     assert {k for row in json.loads((out / "history.json").read_text()) for k in row} == {
         "epoch", "val_mean_auroc", "epsilon", "steps"}
 
