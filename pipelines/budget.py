@@ -28,6 +28,7 @@ from pathlib import Path
 
 from models.privacy import pld_epsilon
 from models.record import epsilon_up
+from models.tracking_store import workspace_root
 from pipelines.config import Params
 from pipelines.stage import StageError, run_stage
 
@@ -59,6 +60,14 @@ class DataSet:
         """A short stable name for the ledger file and the MLflow tag."""
         digest = hashlib.sha256(f"{self.data_version}|{self.prepare_digest}|{self.unit}".encode()).hexdigest()
         return f"{self.unit}-{digest[:16]}"
+
+
+def ledger_folder(params: Params) -> Path:
+    """``privacy.ledger``; a relative path is taken from the repository root (``workspace_root``).
+
+    So a queued DVC experiment's spending joins its repository's ledger, not its temporary workspace's.
+    """
+    return workspace_root() / params.privacy.ledger
 
 
 class LedgerRun:
@@ -176,7 +185,7 @@ def check_budget(params: Params, data_set: DataSet, planned: History) -> float:
         BudgetExceeded: spent + planned composes above the budget (one line naming all three).
     """
     delta, budget = params.train.delta, params.privacy.budget
-    spent_history = [segment for run in histories(Path(params.privacy.ledger), data_set).values() for segment in run]
+    spent_history = [segment for run in histories(ledger_folder(params), data_set).values() for segment in run]
     spent = composed_epsilon(spent_history, delta)
     if math.isinf(budget):
         return spent
@@ -191,7 +200,7 @@ def check_budget(params: Params, data_set: DataSet, planned: History) -> float:
 
 def budget_report(params: Params) -> list[dict[str, object]]:
     """Per data set in the local ledger folder (and the tracking store): runs, steps, spent epsilon, what is left."""
-    folder = Path(params.privacy.ledger)
+    folder = ledger_folder(params)
     data_sets = {}
     for path in sorted(folder.glob("*.jsonl")):
         first = json.loads(path.read_text().splitlines()[0])

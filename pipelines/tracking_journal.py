@@ -1,7 +1,7 @@
 """A training run's MLflow record, written locally first: the tracking store never stops training or loses a record.
 
 Every call a run makes (tags, params, metrics, artifacts, its end) is appended to the run's journal,
-``.mlflow-journal/<key>/journal.jsonl`` in the working directory (artifacts copied beside it), and then sent to
+``.mlflow-journal/<key>/journal.jsonl`` in the repository root (artifacts copied beside it), and then sent to
 the tracking store. When the store does not answer (a server down or restarting, a network cut, a locked
 SQLite file), the run goes on offline and tries again every ``RETRY_SECONDS``; what the store missed is uploaded
 by the first try that succeeds, at the run's end, by the next run that starts, or on demand:
@@ -30,10 +30,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
-from models.tracking_store import tracking_uri
+from models.tracking_store import tracking_uri, workspace_root
 from pipelines.tracking import EXPERIMENT, PARENT_RUN_ENV, data_version, failing_fast, git_commit
 
-JOURNALS = Path(".mlflow-journal")
+JOURNALS = ".mlflow-journal"     # in the repository root (``workspace_root``)
 RETRY_SECONDS = 15.0
 
 
@@ -115,7 +115,7 @@ class TrackedRun:
         self._offline_since: float | None = None
 
     @classmethod
-    def open(cls, stage: str, name: str, root: Path = JOURNALS) -> TrackedRun:
+    def open(cls, stage: str, name: str, root: Path | None = None) -> TrackedRun:
         """Starts a run like ``pipelines.tracking.stage_run`` does, journalled.
 
         Inside ``mlflow run`` it is the run MLflow made (``MLFLOW_RUN_ID``); inside another active run, or in a
@@ -125,6 +125,7 @@ class TrackedRun:
         """
         import mlflow
 
+        root = root or workspace_root() / JOURNALS
         sync(root, quiet=True)
         active = mlflow.active_run()
         parent = active.info.run_id if active is not None else os.environ.get(PARENT_RUN_ENV)
@@ -213,7 +214,7 @@ class TrackedRun:
 
 
 @contextmanager
-def tracked_run(stage: str, name: str, root: Path = JOURNALS) -> Iterator[TrackedRun]:
+def tracked_run(stage: str, name: str, root: Path | None = None) -> Iterator[TrackedRun]:
     """A journalled run for the block; ended ``FAILED`` on an error and ``KILLED`` on an interrupt, as MLflow does."""
     run = TrackedRun.open(stage, name, root)
     try:
@@ -256,20 +257,21 @@ def upload(journal: Journal) -> str:
     return run_id
 
 
-def sync(root: Path = JOURNALS, quiet: bool = False) -> dict[str, int]:
+def sync(root: Path | None = None, quiet: bool = False) -> dict[str, int]:
     """Uploads every journal the store does not hold completely; removes those it does.
 
     A journal locked by a live process is left to it. One whose process died before the run's end is closed:
     tagged ``dp_cxr.abandoned`` and ended ``FAILED``.
 
     Args:
-        root: the journals' folder.
+        root: the journals' folder (default: ``.mlflow-journal`` in the repository root).
         quiet: say nothing unless something was uploaded (what a starting run does).
 
     Returns:
         How many runs were ``uploaded``, ``in_progress`` (left to their process) and ``unreachable`` (the store did
         not answer: run again later).
     """
+    root = root or workspace_root() / JOURNALS
     counts = {"uploaded": 0, "in_progress": 0, "unreachable": 0}
     for folder in sorted(root.iterdir()) if root.is_dir() else []:
         journal = Journal(folder)
@@ -368,16 +370,16 @@ def main(argv: list[str] | None = None) -> None:
     """
     import argparse
 
-    from pipelines.budget import sync_ledgers
+    from pipelines.budget import ledger_folder, sync_ledgers
     from pipelines.config import ConfigError, load_params
 
     parser = argparse.ArgumentParser(prog="python -m pipelines.tracking_journal",
                                      description=main.__doc__.splitlines()[0])
     parser.add_argument("action", choices=["sync"])
-    parser.add_argument("--journals", type=Path, default=JOURNALS, help="the journals' folder (default %(default)s)")
+    parser.add_argument("--journals", type=Path, help=f"the journals' folder (default: {JOURNALS} in the repository)")
     args = parser.parse_args(argv)
     try:
-        ledgers = Path(load_params().privacy.ledger)
+        ledgers = ledger_folder(load_params())
     except ConfigError as error:
         parser.error(str(error))
     counts = sync(args.journals)

@@ -56,7 +56,7 @@ from models.privacy import (
     plan_mechanism,
 )
 from models.weights import ModelSpec, load_model, save_model
-from pipelines.budget import DataSet, LedgerRun, check_budget, composed_epsilon, histories
+from pipelines.budget import DataSet, LedgerRun, check_budget, composed_epsilon, histories, ledger_folder
 from pipelines.cells import PRETRAINED_INITS, pretrained_name, run_name
 from pipelines.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from pipelines.config import ConfigError, Params, Train
@@ -186,7 +186,7 @@ def run_training(params: Params, resume: bool = False, canaries: Canaries | None
                 model, optimizer, loader = dp.model, dp.optimizer, dp.loader
                 sigma, q, accountant = dp.noise_multiplier, dp.sample_rate, dp.engine.accountant
                 if main:
-                    budget_run = LedgerRun(Path(params.privacy.ledger), data_set, name, sigma, q, remaining)
+                    budget_run = LedgerRun(ledger_folder(params), data_set, name, sigma, q, remaining)
             else:
                 base = torch.utils.data.DataLoader(dataset, batch_size=min(t.logical_batch, n),
                                                    generator=randomness.sampling)
@@ -584,7 +584,7 @@ def _privacy_record(params: Params, t: Train, history: list[tuple[float, float, 
                     data_set: DataSet, settings: dict[str, object], processes: int) -> PrivacyRecord:
     if history:
         epsilons = _cross_checked(history, t)
-        ledgers = histories(Path(params.privacy.ledger), data_set).values()
+        ledgers = histories(ledger_folder(params), data_set).values()
         data_set_epsilon = composed_epsilon([segment for run in ledgers for segment in run], t.delta)
     else:
         epsilons = {"reported": float("inf"), "pld": float("inf"), "rdp": float("inf")}

@@ -97,3 +97,24 @@ def test_a_run_whose_process_died_is_closed_as_failed_and_a_live_one_is_left_alo
     live.end("FINISHED")                                    # the store answers again: the live run catches up itself
     assert live.run_id is not None and client.get_run(live.run_id).info.status == "FINISHED"
     assert Journal(live.journal.folder).complete()
+
+
+def test_a_queued_dvc_experiment_records_into_its_repository_not_its_temporary_workspace(tmp_path, monkeypatch):
+    """`dvc exp run --queue` runs in <repo>/.dvc/tmp/exps/<tmp>/, removed afterwards: the runs, the privacy ledger
+    and the journals of what it trained must stay in the repository."""
+    from models.tracking_store import tracking_uri, workspace_root
+    from pipelines.budget import ledger_folder
+    from pipelines.config import load_params
+    from tests.conftest import REPO
+
+    temporary = tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmpk2x9"
+    temporary.mkdir(parents=True)
+    monkeypatch.chdir(temporary)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert workspace_root() == tmp_path / "repo"
+    assert tracking_uri() == f"sqlite:///{tmp_path / 'repo' / 'mlflow.db'}"
+    assert ledger_folder(load_params(REPO / "params.yaml")) == tmp_path / "repo" / ".privacy-ledger"
+    run = TrackedRun.open("train", "train@queued")
+    assert run.journal.folder.parent == tmp_path / "repo" / ".mlflow-journal"
+    monkeypatch.chdir(tmp_path)
+    assert workspace_root() == tmp_path                     # anywhere else: the working directory
