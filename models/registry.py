@@ -112,5 +112,8 @@ def download(registered: RegisteredVersion, into: Path) -> Path:
     """
     import mlflow
 
-    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered.model_uri, dst_path=str(into)))
+    # Explicitly this project's store: MLflow's own default is ``mlflow.db`` in the working directory, which in a
+    # queued DVC experiment's temporary workspace is not the repository's.
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered.model_uri, dst_path=str(into),
+                                                    tracking_uri=tracking_uri(), registry_uri=tracking_uri()))
     return root / "artifacts"

@@ -177,7 +177,12 @@ class TrackedRun:
                   f"{self.journal.folder}: python -m pipelines.tracking_journal sync uploads it", file=sys.stderr)
 
     def release(self) -> None:
-        """Lets go of the journal, once nothing more will be logged (a process's exit does the same)."""
+        """Lets go of the journal once nothing more will be logged, removing it if the store holds it all.
+
+        A process's exit lets go too; ``sync`` then removes or uploads the journal.
+        """
+        if self.journal.complete():
+            shutil.rmtree(self.journal.folder, ignore_errors=True)
         self._lock.close()
 
     def _record(self, op: dict[str, object], retry_now: bool = False) -> None:

@@ -72,7 +72,6 @@ def test_an_upload_whose_answer_was_lost_duplicates_nothing(stores, monkeypatch)
     run = TrackedRun.open("train", "train@scratch-1-atto-1.0-0")
     _record(run, artifact)
     run.end("FINISHED")
-    run.release()
     journal = run.journal
     journal.acknowledge(0)                                  # as if every answer had been lost
     journal.append({"op": "metrics", "metrics": {"epsilon": 9.0}, "step": 3, "timestamp": 1})
@@ -97,6 +96,8 @@ def test_a_run_whose_process_died_is_closed_as_failed_and_a_live_one_is_left_alo
     live.end("FINISHED")                                    # the store answers again: the live run catches up itself
     assert live.run_id is not None and client.get_run(live.run_id).info.status == "FINISHED"
     assert Journal(live.journal.folder).complete()
+    live.release()                                          # complete: nothing left to keep
+    assert not live.journal.folder.exists()
 
 
 def test_a_queued_dvc_experiment_records_into_its_repository_not_its_temporary_workspace(tmp_path, monkeypatch):
