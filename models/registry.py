@@ -112,8 +112,10 @@ def download(registered: RegisteredVersion, into: Path) -> Path:
     """
     import mlflow
 
-    # Explicitly this project's store: MLflow's own default is ``mlflow.db`` in the working directory, which in a
-    # queued DVC experiment's temporary workspace is not the repository's.
-    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered.model_uri, dst_path=str(into),
-                                                    tracking_uri=tracking_uri(), registry_uri=tracking_uri()))
+    # This project's store as the process's default: MLflow's own is ``mlflow.db`` in the working directory, which
+    # in a queued DVC experiment's temporary workspace is not the repository's, and resolving a ``models:/`` URI
+    # consults the default registry even when download_artifacts is given another.
+    mlflow.set_tracking_uri(tracking_uri())
+    mlflow.set_registry_uri(tracking_uri())
+    root = Path(mlflow.artifacts.download_artifacts(artifact_uri=registered.model_uri, dst_path=str(into)))
     return root / "artifacts"
