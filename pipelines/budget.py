@@ -28,9 +28,10 @@ from pathlib import Path
 
 from models.privacy import pld_epsilon
 from models.record import epsilon_up
-from models.tracking_store import workspace_root
+from models.tracking_store import tracking_uri, workspace_root
 from pipelines.config import Params
 from pipelines.stage import StageError, run_stage
+from pipelines.tracking import failing_fast
 
 STAGE = "budget"
 EXPERIMENT = "dp-cxr-privacy-ledger"
@@ -143,9 +144,11 @@ def sync_ledgers(folder: Path) -> int | None:
             entry = json.loads(line) if line.strip() else {}
             if entry.get("event") == "start":
                 local[entry["run"]] = {"start": entry, "steps": 0, "status": None}
+            elif entry.get("run") not in local:     # a run's lines follow its start; nothing to add without it
+                continue
             elif entry.get("event") == "end":
                 local[entry["run"]]["status"] = entry["status"]
-            elif "run" in entry:
+            else:
                 local[entry["run"]]["steps"] += 1
 
     def update(client: object) -> int:
@@ -232,9 +235,6 @@ def _print(rows: list[dict[str, object]], delta: float) -> None:
 def _mlflow_call(call: object) -> object:
     """Calls the tracking store; a failure is reported, never fatal: the local ledger is the one written first."""
     import mlflow
-
-    from models.tracking_store import tracking_uri
-    from pipelines.tracking import failing_fast
 
     try:
         with failing_fast():       # never hold training up: the local ledger is the record
