@@ -98,7 +98,7 @@ def evaluate(params: Params) -> dict[str, object]:
                              for row in _fairness(meta, labels, cell_scores, chosen, counts, e)]
             print(f"evaluate: {site}: {len(meta)} test images, {e.resamples} resamples", file=sys.stderr)
         results, fairness = pd.DataFrame(results), pd.DataFrame(fairness)
-        comparisons = pd.DataFrame(_comparisons(cells, sites, per_resample))
+        comparisons = _comparisons(cells, sites, per_resample)
         cross_site = _cross_site(results)
         results.to_csv(out / "results.csv", index=False)
         fairness.to_csv(out / "fairness.csv", index=False)
@@ -214,7 +214,7 @@ def _known(meta: pd.DataFrame, attribute: str) -> np.ndarray:
     return pd.notna(pd.Series(_feature(meta, attribute))).to_numpy()
 
 
-def _comparisons(cells: list[Cell], sites: list[str], curves: dict[tuple[str, str], np.ndarray]) -> list[dict]:
+def _comparisons(cells: list[Cell], sites: list[str], curves: dict[tuple[str, str], np.ndarray]) -> pd.DataFrame:
     """Paired one-sided p-values on mean AUROC: non-private vs DP per init, each init vs scratch, ssl vs domain."""
     rows = []
     by_knobs = {(c.train.init, c.train.epsilon, c.train.model, c.train.data_fraction, c.train.seed): c for c in cells}
@@ -235,7 +235,8 @@ def _comparisons(cells: list[Cell], sites: list[str], curves: dict[tuple[str, st
                 rows.append({"question": question, "site": site, "better": better.name, "worse": worse.name,
                              "epsilon": t.epsilon, "difference": float(np.nanmean(a - b)),
                              "p_value": paired_p_value(a, b)})
-    return rows
+    # Columns named even when the grid pairs nothing (a single cell), so the report reads an empty table.
+    return pd.DataFrame(rows, columns=["question", "site", "better", "worse", "epsilon", "difference", "p_value"])
 
 
 def _rest(t: Train) -> tuple[object, ...]:

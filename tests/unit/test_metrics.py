@@ -1,6 +1,7 @@
 """Evaluation metrics against the reference implementations: sklearn for AUROC, fairlearn for the fairness gaps."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -153,10 +154,29 @@ def test_init_comparisons_pair_each_init_with_scratch_and_ssl_with_domain():
     rng = np.random.default_rng(0)
     curves = {(c.name, "site"): rng.uniform(0.6, 0.7, 200) for c in cells}
     curves["ssl-8-atto-1.0-0", "site"] = curves["domain-8-atto-1.0-0", "site"] + 0.01    # better in every resample
-    rows = {(r["question"], r["epsilon"]): r for r in _comparisons(cells, ["site"], curves)}
+    rows = {(r["question"], r["epsilon"]): r for r in _comparisons(cells, ["site"], curves).to_dict("records")}
     assert set(rows) == {(q, e) for e in (1, 8, math.inf) for q in ("domain better than scratch", "ssl better than scratch",
                                                                  "ssl better than domain")} | {
         ("non-private better than DP", 1), ("non-private better than DP", 8)}
     assert rows["ssl better than domain", 8]["p_value"] == 0 and rows["ssl better than domain", 8]["difference"] == (
         pytest.approx(0.01))
     assert rows["ssl better than domain", 8]["worse"] == "domain-8-atto-1.0-0"
+
+
+def test_a_single_cell_grid_compares_nothing_and_the_report_reads_the_empty_table(tmp_path):
+    """One grid cell has nothing to pair with: the comparisons file still has its columns (it was empty, and the
+    report stage failed reading it)."""
+    from pipelines.cells import Cell
+    from pipelines.evaluate import _comparisons
+    from pipelines.report import _drops, _init_comparisons
+
+    params = load_params(Path(__file__).resolve().parents[2] / "params.yaml",
+                         ["grid.inits=[scratch]", "grid.epsilons=[8]", "register.aliases={champion: 8}",
+                          "register.private_aliases=[champion]", "audit.cells=[scratch-8-atto-1.0-0]"])
+    cells = [Cell(t.cell, Path(t.cell), t, {}) for t in params.grid_cells()]
+    assert len(cells) == 1
+    _comparisons(cells, ["site"], {(cells[0].name, "site"): np.full(10, 0.7)}).to_csv(tmp_path / "c.csv", index=False)
+    comparisons = pd.read_csv(tmp_path / "c.csv")
+    main = pd.DataFrame([{"cell": cells[0].name, "init": "scratch", "epsilon": 8.0, "site": "site", "value": 0.7}])
+    assert _init_comparisons(main, comparisons, "site", resamples=10).empty
+    assert _drops(main, comparisons, "site", resamples=10).empty
