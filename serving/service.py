@@ -1,15 +1,15 @@
-"""The DP-CXR inference API: two BentoML services around one registered classifier.
+"""The DP-CXR inference API: a BentoML service around one registered classifier.
 
     python -m serving.model_store                                  # registry alias -> BentoML model store
-    bentoml serve serving.service:CXRClassifier --host 127.0.0.1 --port 3000   # starts both services
+    bentoml serve serving.service:CXRClassifier --host 127.0.0.1 --port 3000
 
-``CXRClassifier`` decodes and checks uploads; ``CXRModel`` runs the model on the arrays of concurrent requests,
-merged by BentoML's adaptive batching. Routes (all POST): ``/predict`` (one PNG, JPEG or DICOM upload, field
-``image``), ``/predict_batch`` (a list, field ``images``), ``/privacy``; BentoML's ``/healthz``,
-``/livez``, ``/readyz`` and ``/metrics`` stay. Every answer carries the model's privacy guarantee. Images are
-decoded and preprocessed by the training code (``models.preprocessing``), so probabilities equal the offline
-model's. Bad input is a 4xx JSON error; images and DICOM tags are never logged. The configuration is
-``params.yaml`` (``serve``, ``register``), or the file named by ``DP_CXR_PARAMS``.
+Each worker decodes and checks uploads and holds the model, whose calls merge the images of concurrent requests
+(``serving.batching``). Routes (all POST): ``/predict`` (one PNG, JPEG or DICOM upload, field ``image``),
+``/predict_batch`` (a list, field ``images``), ``/privacy``; BentoML's ``/healthz``, ``/livez``, ``/readyz`` and
+``/metrics`` stay. Every answer carries the model's privacy guarantee. Images are decoded and preprocessed by the
+training code (``models.preprocessing``), so probabilities equal the offline model's. Bad input is a 4xx JSON
+error; images and DICOM tags are never logged. The configuration is ``params.yaml`` (``serve``, ``register``), or
+the file named by ``DP_CXR_PARAMS``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import os
 from http import HTTPStatus
 from pathlib import Path
 
-import aiohttp
 import bentoml
 import numpy as np
 import torch
@@ -30,20 +29,19 @@ from models.convnext import predict
 from models.device import resolve_device
 from models.preprocessing import ImageDecodeError, decode_bytes, preprocess
 from models.record import privacy_statement, verified_record
-from models.weights import load_model, read_spec
+from models.weights import load_model
+from serving.batching import Batcher
 from serving.model_store import bento_model_name
 from serving.security import BearerAuth, BodyLimit, JsonErrors, quiet_client_errors
 from serving.settings import load_serving_config
 
 CONFIG = load_serving_config(Path(os.environ.get("DP_CXR_PARAMS", "params.yaml")))
 SETTINGS = CONFIG.serve
-# API workers decode and validate uploads (CPU-bound); the model service has its own process and threads.
-API_WORKERS = max(1, (os.cpu_count() or 1) // 2)
-MODEL_CALL_ATTEMPTS = 3
+# One worker per two cores, each computing its batches on two threads: on 2 cores one worker with two threads
+# served 188 images/s at concurrency 32 and two with one thread 173 (benchmarks/serve.py).
+CORES = os.cpu_count() or 1
+WORKERS = max(1, CORES // 2)
 REQUEST_SECONDS = 60
-# One model call waits for its batch (at most serve.max_latency_ms) and the batch's inference; a call that takes
-# longer was lost, and all attempts together stay inside the request's own timeout.
-MODEL_CALL_SECONDS = REQUEST_SECONDS / MODEL_CALL_ATTEMPTS - 2
 
 
 class UnsupportedImage(BentoMLException):
@@ -52,41 +50,20 @@ class UnsupportedImage(BentoMLException):
     error_code = HTTPStatus.UNSUPPORTED_MEDIA_TYPE
 
 
-@bentoml.service(traffic={"timeout": REQUEST_SECONDS, "max_concurrency": 256}, workers=1)
-class CXRModel:
-    """The classifier itself: preprocessed images in, probabilities out, in batches BentoML merges across requests.
-
-    One worker holds the model and uses every core for it (torch's threads); the API workers in front of it decode
-    and validate uploads, so the model process only ever sees well-formed arrays.
-    """
-
-    bento_model = bentoml.models.BentoModel(f"{bento_model_name(SETTINGS.alias)}:latest")
-
-    def __init__(self) -> None:
-        folder = Path(self.bento_model.path)
-        verified_record(folder)     # refuse to serve weights the privacy record was not issued for
-        self.model, self.spec = load_model(folder)
-        self.model.to(resolve_device(CONFIG.device)).eval()
-
-    @bentoml.api(batchable=True, max_batch_size=SETTINGS.max_batch_size, max_latency_ms=SETTINGS.max_latency_ms)
-    def scores(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities (N, L) for preprocessed uint8 images (N, S, S)."""
-        with torch.inference_mode():
-            return predict(self.model, images)
-
-
-@bentoml.service(traffic={"timeout": REQUEST_SECONDS, "max_concurrency": 256}, workers=API_WORKERS)
+@bentoml.service(traffic={"timeout": REQUEST_SECONDS, "max_concurrency": 256}, workers=WORKERS)
 class CXRClassifier:
     """Chest X-ray multi-label classifier trained with differential privacy."""
 
     bento_model = bentoml.models.BentoModel(f"{bento_model_name(SETTINGS.alias)}:latest")
-    classifier = bentoml.depends(CXRModel)
 
     def __init__(self) -> None:
         folder = Path(self.bento_model.path)
         # The guarantee travels with the weights: refuse to start on weights the record was not issued for.
         self.guarantee = verified_record(folder)
-        self.spec = read_spec(folder)
+        self.model, self.spec = load_model(folder)
+        self.model.to(resolve_device(CONFIG.device)).eval()
+        torch.set_num_threads(max(1, CORES // WORKERS))
+        self.scores = Batcher(lambda images: predict(self.model, images), SETTINGS.max_batch_size)
         tags = self.bento_model.info.metadata["tags"]
         labels = self.bento_model.info.labels
         self.thresholds = json.loads(tags["thresholds"])
@@ -105,7 +82,7 @@ class CXRClassifier:
         own 4xx), in a thread so the event loop keeps accepting requests.
         """
         prepared = await asyncio.to_thread(self._prepare, image)
-        return self._answer((await self._scores(prepared[np.newaxis]))[0])
+        return self._answer((await self.scores(prepared[np.newaxis]))[0])
 
     @bentoml.api
     async def predict_batch(self, images: list[Path]) -> list[dict]:
@@ -117,7 +94,7 @@ class CXRClassifier:
                 answers.append(None)
             except (InvalidArgument, UnsupportedImage) as error:
                 answers.append({"error": str(error), "model": self.identity, "privacy": self.guarantee})
-        scores = iter(await self._scores(np.stack(prepared)) if prepared else [])
+        scores = iter(await self.scores(np.stack(prepared)) if prepared else [])
         return [answer if answer is not None else self._answer(next(scores)) for answer in answers]
 
     @bentoml.api
@@ -138,20 +115,6 @@ class CXRClassifier:
                                   f"{SETTINGS.min_image_side} px (serve.min_image_side): send the radiograph as "
                                   f"acquired")
         return preprocess(gray, self.spec.image_size)
-
-    async def _scores(self, images: np.ndarray) -> np.ndarray:
-        if not hasattr(self.classifier, "to_async"):  # one process (tests): a local instance
-            return await asyncio.to_thread(self.classifier.scores, images)
-        for _ in range(MODEL_CALL_ATTEMPTS - 1):      # served: the model service, batched across requests
-            try:
-                return await asyncio.wait_for(self.classifier.to_async.scores(images), MODEL_CALL_SECONDS)
-            except (aiohttp.ClientConnectionError, RuntimeError, TimeoutError):
-                # BentoML's client replaces its HTTP session every 100 calls and closes the old one while other
-                # calls still use it: under load a call fails ("Connection closed.", a reset, a disconnect) or is
-                # never answered (seen: 2 of 2,000 calls waited out the 60 s request timeout). Inference is
-                # idempotent, so again on the new session.
-                continue
-        return await self.classifier.to_async.scores(images)
 
     def _answer(self, scores: np.ndarray) -> dict:
         probabilities = {label: float(p) for label, p in zip(self.spec.labels, scores, strict=True)}

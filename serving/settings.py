@@ -22,7 +22,6 @@ class Serve(BaseModel):
     alias: str
     max_request_bytes: int = Field(gt=0)
     max_batch_size: int = Field(gt=0)
-    max_latency_ms: int = Field(gt=0, le=15000)    # below the 18 s after which a model call counts as lost
     min_image_side: int = Field(gt=0)
     token_env: str
 
