@@ -38,7 +38,7 @@ from serving.settings import load_serving_config
 CONFIG = load_serving_config(Path(os.environ.get("DP_CXR_PARAMS", "params.yaml")))
 SETTINGS = CONFIG.serve
 # One worker per two cores, each computing its batches on two threads: on 2 cores one worker with two threads
-# served 188 images/s at concurrency 32 and two with one thread 173 (benchmarks/serve.py).
+# served 307-315 images/s at concurrency 32 and two with one thread 269 (benchmarks/serve.py).
 CORES = os.cpu_count() or 1
 WORKERS = max(1, CORES // 2)
 REQUEST_SECONDS = 60
