@@ -10,7 +10,7 @@ pipeline in one process.
 Targets (issue 19): concurrency 32 at >= 60% of the in-process throughput and >= 3x concurrency 1's.
 Run ``make demo`` (or ``dvc repro``) first so the registry has the alias.
 
-    .venv/bin/python benchmarks/serve.py [--requests 512] [--params params.yaml]
+    .venv/bin/python benchmarks/serve.py [--requests 2048] [--params params.yaml]
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ async def over_http(url: str, images: list[bytes], concurrency: int) -> tuple[fl
 def main() -> None:
     """Measures the in-process pipeline, then the server at each concurrency, and prints the figures."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=512)
+    parser.add_argument("--requests", type=int, default=2048)
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     args = parser.parse_args()
     params = load_params(args.params)

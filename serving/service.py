@@ -37,10 +37,10 @@ from serving.settings import load_serving_config
 
 CONFIG = load_serving_config(Path(os.environ.get("DP_CXR_PARAMS", "params.yaml")))
 SETTINGS = CONFIG.serve
-# One worker per two cores, each computing its batches on two threads: on 2 cores one worker with two threads
-# served 307-315 images/s at concurrency 32 and two with one thread 269 (benchmarks/serve.py).
-CORES = os.cpu_count() or 1
-WORKERS = max(1, CORES // 2)
+# One worker per core, each computing its batches on one thread: on 2 cores two workers served 255-363 images/s at
+# concurrency 32 and one with two threads 250-306 (benchmarks/serve.py, four runs each); a worker's Python (HTTP,
+# decoding, the model's layer calls) holds one interpreter lock, so one worker left a core a third idle.
+WORKERS = os.cpu_count() or 1
 REQUEST_SECONDS = 60
 
 
@@ -62,7 +62,7 @@ class CXRClassifier:
         self.guarantee = verified_record(folder)
         self.model, self.spec = load_model(folder)
         self.model.to(resolve_device(CONFIG.device)).eval()
-        torch.set_num_threads(max(1, CORES // WORKERS))
+        torch.set_num_threads(1)     # the other cores run the other workers
         self.scores = Batcher(lambda images: predict(self.model, images), SETTINGS.max_batch_size)
         tags = self.bento_model.info.metadata["tags"]
         labels = self.bento_model.info.labels

@@ -67,6 +67,16 @@ def study(tiny_project):
             os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _torch_threads():
+    """A service instance sets torch's thread count for its worker process; later tests in this one keep theirs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def client(study):
     """The service's ASGI app (BentoML's, with the project's middleware), started as `bentoml serve` starts it.
