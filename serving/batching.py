@@ -6,7 +6,7 @@ batch gathers. A lone request is computed at once (no waiting window), so batchi
 the batch grows with the load by itself.
 
 Measured against BentoML's adaptive batching in a separate model service (``benchmarks/serve.py``, 2 cores, the
-64 px atto model, concurrency 32): 307-315 images/s against 194. The model service's own HTTP round trip per call
+64 px atto model, concurrency 32): 255-363 images/s against 194. The model service's own HTTP round trip per call
 cost more CPU than its batching saved, so the model lives in the API process and this batcher merges that
 process's requests.
 """
