@@ -1,9 +1,10 @@
-"""The inference API's guards: request-size limit, optional bearer-token auth, JSON error bodies, 4xx log lines.
+"""The inference API's guards: size limit, bearer-token auth, JSON error bodies, 4xx log lines, files only.
 
 The first two answer in JSON before the request reaches BentoML: 413 for a body over the limit (checked on the
 declared length and again while the body streams in, so a chunked upload cannot slip past), 401 for a missing
 or wrong token. The token is compared in constant time; health checks stay open for orchestrators. A client
-error is logged as one INFO line, never with a traceback.
+error is logged as one INFO line, never with a traceback. An image sent as text instead of a file is a 400, not
+a URL for the server to fetch.
 """
 
 from __future__ import annotations
@@ -156,3 +157,25 @@ def quiet_client_errors() -> None:
     logger = logging.getLogger("bentoml._internal.server.http_app")
     if not any(isinstance(f, _ClientErrorLine) for f in logger.filters):
         logger.addFilter(_ClientErrorLine())
+
+
+async def _upload_only(value: object) -> object:
+    from bentoml.exceptions import BadInput
+    from starlette.datastructures import UploadFile
+
+    if isinstance(value, UploadFile):
+        return value
+    raise BadInput("send the image as a file upload (a multipart file part with a filename), not as text or a URL")
+
+
+def refuse_url_uploads() -> None:
+    """Makes a file field sent as text a 400 instead of a download (once per process).
+
+    BentoML's multipart parsing (``MultipartSerde.ensure_file``, BentoML 1.4) fetches a file field that arrives as
+    text as a URL: the API would request any address a client names, from inside the network that holds the
+    radiographs (and, without ``uvloop``, its address check fails and the answer is a 500). This API takes files
+    only.
+    """
+    from _bentoml_impl.serde import MultipartSerde
+
+    MultipartSerde.ensure_file = staticmethod(_upload_only)

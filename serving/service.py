@@ -32,7 +32,7 @@ from models.record import privacy_statement, verified_record
 from models.weights import load_model
 from serving.batching import Batcher
 from serving.model_store import bento_model_name
-from serving.security import BearerAuth, BodyLimit, JsonErrors, quiet_client_errors
+from serving.security import BearerAuth, BodyLimit, JsonErrors, quiet_client_errors, refuse_url_uploads
 from serving.settings import load_serving_config
 
 CONFIG = load_serving_config(Path(os.environ.get("DP_CXR_PARAMS", "params.yaml")))
@@ -127,3 +127,4 @@ CXRClassifier.add_asgi_middleware(JsonErrors)
 CXRClassifier.add_asgi_middleware(BodyLimit, max_bytes=SETTINGS.max_request_bytes)
 CXRClassifier.add_asgi_middleware(BearerAuth, token_env=SETTINGS.token_env)
 quiet_client_errors()
+refuse_url_uploads()

@@ -3,6 +3,7 @@ runs (routes, conversions, bad input, size limit), and once for real by `bentoml
 the server, its auth and concurrency). The model is the tiny study's champion, imported from its registry."""
 
 import asyncio
+import contextlib
 import hashlib
 import io
 import json
@@ -11,7 +12,9 @@ import os
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from threading import Thread
 
 import httpx
 import mlflow
@@ -217,6 +220,39 @@ def hostile_corpus(study) -> dict[str, tuple[bytes, int]]:
     }
 
 
+@contextlib.contextmanager
+def listener():
+    """An HTTP server on 127.0.0.1 that records the paths it is asked for: (its URL, the list of paths)."""
+    asked: list[str] = []
+
+    class Record(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the name http.server dispatches to
+            asked.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Record)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", asked
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def assert_text_is_no_upload(post):
+    """An image sent as text (a URL) is a 400 naming what to send, and the server requests nothing."""
+    with listener() as (url, asked):
+        for route, field in (("predict", "image"), ("predict_batch", "images")):
+            answer = post(route, data={field: f"{url}/{route}.png"})
+            assert answer.status_code == 400, (route, answer.status_code, answer.text)
+            assert answer.json()["error"].startswith("send the image as a file upload"), route
+    assert asked == []
+
+
 def test_bad_input_gets_a_4xx_json_error_never_a_500(study, client, caplog, capfd):
     caplog.set_level(logging.DEBUG)
     for name, (payload, status) in hostile_corpus(study).items():
@@ -239,6 +275,7 @@ def test_bad_input_gets_a_4xx_json_error_never_a_500(study, client, caplog, capf
     streamed = client.post("/predict", content=chunked(), headers={"content-type": "application/octet-stream"})
     assert streamed.status_code == 413                                 # no declared length: counted as it streams
     assert client.post("/predict", json={}).status_code == 400         # no image field
+    assert_text_is_no_upload(lambda route, **kwargs: client.post(f"/{route}", **kwargs))
     logged = caplog.text + "".join(capfd.readouterr())
     assert "SECRETNAME" not in logged                                  # patient tags never reach the log
 
@@ -292,6 +329,7 @@ def test_bentoml_serve_answers_over_real_http_with_auth_and_fifty_concurrent_req
         for name, (payload, status) in hostile.items():
             answer = post("predict", files={"image": ("upload", payload)}, headers=auth)
             assert answer.status_code == status and answer.json()["error"], (name, answer.status_code, answer.text)
+        assert_text_is_no_upload(lambda route, **kwargs: post(route, headers=auth, **kwargs))
         after = post("predict", files={"image": ("x.png", image)}, headers=auth).json()
         assert after["probabilities"] == pytest.approx(first, abs=1e-6) and after["privacy"] == privacy.json()["privacy"]
 
