@@ -169,7 +169,7 @@ async def _upload_only(value: object) -> object:
 
 
 def refuse_url_uploads() -> None:
-    """Makes a file field sent as text a 400 instead of a download (once per process).
+    """Makes a file field sent as text a 400 instead of a download.
 
     BentoML's multipart parsing (``MultipartSerde.ensure_file``, BentoML 1.4) fetches a file field that arrives as
     text as a URL: the API would request any address a client names, from inside the network that holds the

@@ -226,7 +226,7 @@ def listener():
     asked: list[str] = []
 
     class Record(BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - the name http.server dispatches to
+        def do_GET(self):  # the name http.server dispatches GET requests to
             asked.append(self.path)
             self.send_response(404)
             self.end_headers()
