@@ -117,5 +117,7 @@ def test_a_queued_dvc_experiment_records_into_its_repository_not_its_temporary_w
     assert ledger_folder(load_params(REPO / "params.yaml")) == tmp_path / "repo" / ".privacy-ledger"
     run = TrackedRun.open("train", "train@queued")
     assert run.journal.folder.parent == tmp_path / "repo" / ".mlflow-journal"
+    run.end("FINISHED")
+    run.release()
     monkeypatch.chdir(tmp_path)
     assert workspace_root() == tmp_path                     # anywhere else: the working directory
