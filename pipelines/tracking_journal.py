@@ -282,11 +282,16 @@ def sync(root: Path | None = None, quiet: bool = False) -> dict[str, int]:
         journal = Journal(folder)
         if not journal.path.is_file():
             continue
-        lock = journal.try_lock()
+        try:
+            lock = journal.try_lock()
+        except FileNotFoundError:       # its process released it, removing it, since the listing
+            continue
         if lock is None:
             counts["in_progress"] += 1
             continue
         with lock:
+            if not journal.path.is_file():      # removed by the lock's previous holder: the lock was on a dead file
+                continue
             if journal.complete():
                 shutil.rmtree(folder, ignore_errors=True)
                 continue

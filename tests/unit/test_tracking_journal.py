@@ -121,3 +121,33 @@ def test_a_queued_dvc_experiment_records_into_its_repository_not_its_temporary_w
     run.release()
     monkeypatch.chdir(tmp_path)
     assert workspace_root() == tmp_path                     # anywhere else: the working directory
+
+
+@pytest.mark.parametrize("when", ["before the lock file opens", "after it opens, before the lock"])
+def test_a_journal_its_process_removes_while_another_syncs_is_skipped(stores, monkeypatch, when):
+    """Parallel cells: one ends and removes its complete journal while another, starting, syncs the folder."""
+    import fcntl
+    import shutil
+
+    client = _reachable(monkeypatch, stores)
+    ended = TrackedRun.open("train", "train@ended")
+    ended.end("FINISHED")
+    folder = ended.journal.folder
+    try_lock, flock = Journal.try_lock, fcntl.flock
+
+    def removed_first(journal):
+        if journal.folder == folder and when.startswith("before"):
+            ended.release()                                 # the owner: complete, so it removes the folder
+        return try_lock(journal)
+
+    def removed_between(handle, operation):
+        if folder.exists() and when.startswith("after"):
+            ended.release()
+        return flock(handle, operation)
+
+    monkeypatch.setattr(Journal, "try_lock", removed_first)
+    monkeypatch.setattr(fcntl, "flock", removed_between)
+    assert sync() == {"uploaded": 0, "in_progress": 0, "unreachable": 0}
+    assert not folder.exists() and not (stores / ".mlflow-journal" / folder.name).exists()
+    assert client.get_run(ended.run_id).info.status == "FINISHED"
+    shutil.rmtree(stores / ".mlflow-journal", ignore_errors=True)
