@@ -95,7 +95,11 @@ class BearerAuth:
 
 
 class JsonErrors:
-    """Gives every 4xx answer the body ``{"error": message}`` (BentoML 1.4.40 wraps its own in a one-item list)."""
+    """Gives every 4xx answer the body ``{"error": message}``.
+
+    BentoML 1.4.40 wraps its own in a one-item list, and says of a request that fails validation only how many fields
+    failed (their names and reasons go into ``error``).
+    """
 
     def __init__(self, app: Callable) -> None:
         self.app = app
@@ -119,6 +123,8 @@ class JsonErrors:
                     data = None
                 if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict):
                     body = json.dumps(data[0]).encode()
+                elif isinstance(data, dict) and _field_errors(data.get("detail")):
+                    body = json.dumps({**data, "error": _field_errors(data["detail"])}).encode()
                 headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
                 await send({**held, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
                 held = None
@@ -129,6 +135,13 @@ class JsonErrors:
             await send(message)
 
         await self.app(scope, receive, unwrapping_send)
+
+
+def _field_errors(detail: object) -> str | None:
+    """One line naming each invalid field and why, from the details of BentoML's 400 for an invalid request."""
+    if not detail or not isinstance(detail, list) or not all(isinstance(e, dict) and "msg" in e for e in detail):
+        return None
+    return "; ".join(f"{'.'.join(str(part) for part in e.get('loc', ())) or 'request'}: {e['msg']}" for e in detail)
 
 
 class _ClientErrorLine(logging.Filter):

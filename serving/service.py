@@ -19,11 +19,13 @@ import json
 import os
 from http import HTTPStatus
 from pathlib import Path
+from typing import Annotated
 
 import bentoml
 import numpy as np
 import torch
 from bentoml.exceptions import BentoMLException, InvalidArgument
+from bentoml.validators import ContentType
 
 from models.convnext import predict
 from models.device import resolve_device
@@ -34,14 +36,19 @@ from serving.batching import Batcher
 from serving.model_store import bento_model_name
 from serving.security import BearerAuth, BodyLimit, JsonErrors, quiet_client_errors, refuse_url_uploads
 from serving.settings import load_serving_config
+from serving.uploads import Upload
 
 CONFIG = load_serving_config(Path(os.environ.get("DP_CXR_PARAMS", "params.yaml")))
 SETTINGS = CONFIG.serve
 # One worker per core, each computing its batches on one thread: on 2 cores two workers served 255-363 images/s at
-# concurrency 32 and one with two threads 250-306 (benchmarks/serve.py, four runs each); a worker's Python (HTTP,
-# decoding, the model's layer calls) holds one interpreter lock, so one worker left a core a third idle.
+# concurrency 32 and one with two threads 250-306 (benchmarks/serve.py, four runs each, before uploads stayed in
+# memory); a worker's Python (HTTP, decoding, the model's layer calls) holds one interpreter lock, so one worker left
+# a core a third idle.
 WORKERS = os.cpu_count() or 1
 REQUEST_SECONDS = 60
+# Declared: otherwise BentoML derives every answer's media type from the return type's JSON schema, rebuilding it
+# per response (3% of a worker's CPU at concurrency 32).
+JSON = ContentType("application/json")
 
 
 class UnsupportedImage(BentoMLException):
@@ -63,7 +70,7 @@ class CXRClassifier:
         self.model, self.spec = load_model(folder)
         self.model.to(resolve_device(CONFIG.device)).eval()
         torch.set_num_threads(1)     # the other cores run the other workers
-        self.scores = Batcher(lambda images: predict(self.model, images), SETTINGS.max_batch_size)
+        self.scores = Batcher(self._prepare, lambda images: predict(self.model, images), SETTINGS.max_batch_size)
         tags = self.bento_model.info.metadata["tags"]
         labels = self.bento_model.info.labels
         self.thresholds = json.loads(tags["thresholds"])
@@ -75,37 +82,37 @@ class CXRClassifier:
         self.card["model_card"] = Path(self.bento_model.path_of("model_card.md")).read_text()
 
     @bentoml.api
-    async def predict(self, image: Path) -> dict:
+    async def predict(self, image: Upload) -> Annotated[dict, JSON]:
         """One image -> per-label probability, decision at the stored threshold, model and privacy guarantee.
 
         Concurrent calls share the model's batches; each upload is decoded and checked on its own (a bad one is its
-        own 4xx), in a thread so the event loop keeps accepting requests.
+        own 4xx).
         """
-        prepared = await asyncio.to_thread(self._prepare, image)
-        return self._answer((await self.scores(prepared[np.newaxis]))[0])
+        return self._answer(await self.scores(image))
 
     @bentoml.api
-    async def predict_batch(self, images: list[Path]) -> list[dict]:
+    async def predict_batch(self, images: list[Upload]) -> Annotated[list[dict], JSON]:
         """A list of images -> one answer each; an unusable image gets an ``error`` entry, the others their answer."""
-        prepared, answers = [], []
-        for path in images:
-            try:
-                prepared.append(await asyncio.to_thread(self._prepare, path))
-                answers.append(None)
-            except (InvalidArgument, UnsupportedImage) as error:
-                answers.append({"error": str(error), "model": self.identity, "privacy": self.guarantee})
-        scores = iter(await self.scores(np.stack(prepared)) if prepared else [])
-        return [answer if answer is not None else self._answer(next(scores)) for answer in answers]
+        scores = await asyncio.gather(*(self.scores(upload) for upload in images), return_exceptions=True)
+        answers = []
+        for result in scores:
+            if isinstance(result, (InvalidArgument, UnsupportedImage)):
+                answers.append({"error": str(result), "model": self.identity, "privacy": self.guarantee})
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                answers.append(self._answer(result))
+        return answers
 
     @bentoml.api
-    def privacy(self) -> dict:
+    def privacy(self) -> Annotated[dict, JSON]:
         """The model's privacy guarantee and model card fields."""
         return {"model": self.identity, "privacy": self.guarantee, "statement": privacy_statement(self.guarantee),
                 "card": self.card}
 
-    def _prepare(self, path: Path) -> np.ndarray:
+    def _prepare(self, upload: Upload) -> np.ndarray:
         try:
-            gray = decode_bytes(Path(path).read_bytes(), untrusted=True)
+            gray = decode_bytes(upload.data, untrusted=True)
         except ImageDecodeError as error:
             if str(error).startswith(("unsupported", "not a PNG")):
                 raise UnsupportedImage(str(error)) from None

@@ -1,4 +1,4 @@
-"""Continuous batching on its own, around a plain function: concurrent calls merged, each caller its own rows."""
+"""Continuous batching on its own, around plain functions: concurrent calls merged, each caller its own row."""
 
 import asyncio
 import threading
@@ -15,16 +15,23 @@ class Recorder:
     def __init__(self, fail_on: int | None = None):
         self.sizes, self.fail_on, self.gate = [], fail_on, threading.Event()
 
-    def __call__(self, images: np.ndarray) -> np.ndarray:
-        self.sizes.append(len(images))
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        self.sizes.append(len(rows))
         self.gate.wait(timeout=10)
-        if self.fail_on is not None and self.fail_on in images[:, 0]:
+        if self.fail_on is not None and self.fail_on in rows[:, 0]:
             raise ValueError(f"cannot compute {self.fail_on}")
-        return images * 10
+        return rows * 10
 
 
-def rows(*values: int) -> np.ndarray:
-    return np.array([[value, value] for value in values])
+def prepare(item: int) -> np.ndarray:
+    """An item's model input; negative items are bad input."""
+    if item < 0:
+        raise ValueError(f"bad item {item}")
+    return np.array([item, item])
+
+
+def row(value: int) -> np.ndarray:
+    return np.array([value, value])
 
 
 @pytest.fixture
@@ -32,70 +39,84 @@ def anyio_backend():
     return "asyncio"
 
 
+async def computing(model: Recorder) -> None:
+    """Waits until the model's first call has started (and is held by its gate)."""
+    while not model.sizes:
+        await asyncio.sleep(0.001)
+
+
 @pytest.mark.anyio
 async def test_a_lone_call_is_computed_at_once():
     model = Recorder()
     model.gate.set()
-    np.testing.assert_array_equal(await Batcher(model, max_batch_size=8)(rows(3)), rows(30))
+    np.testing.assert_array_equal(await Batcher(prepare, model, max_batch_size=8)(3), row(30))
     assert model.sizes == [1]
 
 
 @pytest.mark.anyio
 async def test_calls_queued_while_the_model_computes_share_the_next_call_and_get_their_own_rows():
     model = Recorder()
-    batcher = Batcher(model, max_batch_size=4)
-    first = asyncio.create_task(batcher(rows(0)))
-    while not model.sizes:                      # the first call is computing (held by the gate)
-        await asyncio.sleep(0.001)
-    later = [asyncio.create_task(batcher(rows(*values))) for values in ([1], [2, 3], [4], [5, 6], [7])]
+    batcher = Batcher(prepare, model, max_batch_size=4)
+    first = asyncio.create_task(batcher(0))
+    await computing(model)
+    later = [asyncio.create_task(batcher(value)) for value in range(1, 8)]
     await asyncio.sleep(0.01)
     model.gate.set()
     answers = await asyncio.gather(first, *later)
-    # 1 + 2 + 1 images fill the second call (4); [5, 6] would exceed it and wait for the third with [7].
-    assert model.sizes == [1, 4, 3]
-    for values, answer in zip(([0], [1], [2, 3], [4], [5, 6], [7]), answers, strict=True):
-        np.testing.assert_array_equal(answer, rows(*values) * 10)
+    assert model.sizes == [1, 4, 3]             # 1..4 fill the second call, 5..7 the third
+    for value, answer in enumerate(answers):
+        np.testing.assert_array_equal(answer, row(value * 10))
 
 
 @pytest.mark.anyio
-async def test_a_request_larger_than_the_batch_is_computed_alone():
+async def test_a_bad_item_fails_its_own_caller_and_the_rest_of_its_batch_is_computed():
     model = Recorder()
+    batcher = Batcher(prepare, model, max_batch_size=4)
+    first = asyncio.create_task(batcher(0))
+    await computing(model)
+    good, bad, other = (asyncio.create_task(batcher(value)) for value in (1, -1, 2))
+    await asyncio.sleep(0.01)
     model.gate.set()
-    np.testing.assert_array_equal(await Batcher(model, max_batch_size=2)(rows(1, 2, 3)), rows(10, 20, 30))
-    assert model.sizes == [3]
+    with pytest.raises(ValueError, match="bad item -1"):
+        await bad
+    np.testing.assert_array_equal(await good, row(10))
+    np.testing.assert_array_equal(await other, row(20))
+    await first
+    assert model.sizes == [1, 2]                # the bad item never reached the model
+    with pytest.raises(ValueError, match="bad item -2"):
+        await batcher(-2)                       # a batch of only bad items: no model call
+    assert model.sizes == [1, 2]
 
 
 @pytest.mark.anyio
 async def test_a_failing_model_call_fails_only_its_own_callers_and_the_batcher_goes_on():
     model = Recorder(fail_on=2)
-    batcher = Batcher(model, max_batch_size=2)
-    first = asyncio.create_task(batcher(rows(1)))
-    while not model.sizes:
-        await asyncio.sleep(0.001)
-    in_failing_call = [asyncio.create_task(batcher(rows(value))) for value in (2, 3)]
-    after = asyncio.create_task(batcher(rows(4)))
+    batcher = Batcher(prepare, model, max_batch_size=2)
+    first = asyncio.create_task(batcher(1))
+    await computing(model)
+    in_failing_call = [asyncio.create_task(batcher(value)) for value in (2, 3)]
+    after = asyncio.create_task(batcher(4))
     await asyncio.sleep(0.01)
     model.gate.set()
-    np.testing.assert_array_equal(await first, rows(10))
+    np.testing.assert_array_equal(await first, row(10))
     for task in in_failing_call:
         with pytest.raises(ValueError, match="cannot compute 2"):
             await task
-    np.testing.assert_array_equal(await after, rows(40))
-    np.testing.assert_array_equal(await batcher(rows(5)), rows(50))
+    np.testing.assert_array_equal(await after, row(40))
+    np.testing.assert_array_equal(await batcher(5), row(50))
 
 
 @pytest.mark.anyio
 async def test_a_caller_that_gave_up_does_not_stop_the_others():
     model = Recorder()
-    batcher = Batcher(model, max_batch_size=4)
-    first = asyncio.create_task(batcher(rows(0)))
-    while not model.sizes:
-        await asyncio.sleep(0.001)
-    impatient = asyncio.create_task(batcher(rows(1)))
-    patient = asyncio.create_task(batcher(rows(2)))
+    batcher = Batcher(prepare, model, max_batch_size=4)
+    first = asyncio.create_task(batcher(0))
+    await computing(model)
+    impatient = asyncio.create_task(batcher(1))
+    patient = asyncio.create_task(batcher(2))
     await asyncio.sleep(0.01)
     impatient.cancel()
     model.gate.set()
-    np.testing.assert_array_equal(await patient, rows(20))
-    np.testing.assert_array_equal(await first, rows(0))
+    np.testing.assert_array_equal(await patient, row(20))
+    np.testing.assert_array_equal(await first, row(0))
     assert impatient.cancelled()

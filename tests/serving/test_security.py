@@ -7,15 +7,21 @@ import pytest
 
 from serving.security import BearerAuth, BodyLimit, JsonErrors
 
+# BentoML's answer to a request that fails validation (two fields here)
+VALIDATION_ERROR = {"error": "2 validation errors for Input",
+                    "detail": [{"type": "missing", "loc": ["image"], "msg": "Field required"},
+                               {"type": "upload_type", "loc": ["images", 0], "msg": "send the image as a file upload"}]}
+
 
 async def echo(scope, receive, send):
-    """Reads the whole body and answers with its length (or a BentoML-style list-wrapped 400 on /bad)."""
+    """Reads the whole body and answers with its length (or BentoML-style 400s on /bad and /invalid)."""
     size, more = 0, True
     while more:
         message = await receive()
         size += len(message.get("body", b""))
         more = message.get("more_body", False)
-    status, body = (400, json.dumps([{"error": "bad image"}])) if scope["path"] == "/bad" else (200, str(size))
+    status, body = {"/bad": (400, json.dumps([{"error": "bad image"}])),
+                    "/invalid": (400, json.dumps(VALIDATION_ERROR))}.get(scope["path"], (200, str(size)))
     await send({"type": "http.response.start", "status": status, "headers": [(b"content-length", b"%d" % len(body))]})
     await send({"type": "http.response.body", "body": body.encode()})
 
@@ -54,12 +60,16 @@ async def test_bearer_auth_guards_every_route_but_health_checks(monkeypatch):
 
 
 @pytest.mark.anyio
-async def test_json_errors_unwrap_bentoml_list_bodies_and_fix_the_length():
+async def test_json_errors_unwrap_bentoml_list_bodies_name_invalid_fields_and_fix_the_length():
     async with client(JsonErrors(echo)) as http:
         bad = await http.post("/bad")
         assert bad.status_code == 400 and bad.json() == {"error": "bad image"}
         assert int(bad.headers["content-length"]) == len(bad.content)
         assert (await http.post("/ok", content=b"abc")).text == "3"
+        invalid = await http.post("/invalid")
+        assert invalid.json() == {"error": "image: Field required; images.0: send the image as a file upload",
+                                  "detail": VALIDATION_ERROR["detail"]}
+        assert int(invalid.headers["content-length"]) == len(invalid.content)
 
 
 @pytest.fixture

@@ -103,6 +103,7 @@ def test_predict_equals_the_offline_model_and_carries_the_registry_guarantee(stu
     image = _test_image(study)
     answer = client.post("/predict", files={"image": (image.name, image.read_bytes(), "image/png")})
     assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "application/json"
     body = answer.json()
     registered = study.version("champion")
     model, spec = load_model(study.root / "artifacts/train" / registered.tags["cell"])
@@ -116,6 +117,19 @@ def test_predict_equals_the_offline_model_and_carries_the_registry_guarantee(stu
     assert float(body["privacy"]["epsilon"]) >= float(body["privacy"]["epsilon_cell"])   # the choice is charged
     assert body["model"]["version"] == registered.version and body["model"]["alias"] == "champion"
     assert all(body["decisions"][k] == (body["probabilities"][k] >= body["thresholds"][k]) for k in spec.labels)
+
+
+def test_the_api_page_offers_file_uploads(client):
+    """The OpenAPI document (the /docs page's source) declares each image field a multipart file."""
+    api = client.get("/docs.json").json()
+    for route, field in (("/predict", "image"), ("/predict_batch", "images")):
+        content = api["paths"][route]["post"]["requestBody"]["content"]
+        assert list(content) == ["multipart/form-data"], route
+        schema = content["multipart/form-data"]["schema"]
+        properties = api["components"]["schemas"][schema["$ref"].rsplit("/", 1)[-1]]["properties"] \
+            if "$ref" in schema else schema["properties"]
+        declared = properties[field].get("items", properties[field])
+        assert declared["format"] == "binary" and declared["type"] in {"file", "string"}, (route, declared)
 
 
 def test_dicom_and_odd_modes_are_converted(study, client):
@@ -244,12 +258,14 @@ def listener():
 
 
 def assert_text_is_no_upload(post):
-    """An image sent as text (a URL) is a 400 naming what to send, and the server requests nothing."""
+    """An image sent as text or JSON (a URL) is a 400 naming what to send, and the server requests nothing."""
     with listener() as (url, asked):
         for route, field in (("predict", "image"), ("predict_batch", "images")):
-            answer = post(route, data={field: f"{url}/{route}.png"})
-            assert answer.status_code == 400, (route, answer.status_code, answer.text)
-            assert answer.json()["error"].startswith("send the image as a file upload"), route
+            for sent in ({"data": {field: f"{url}/{route}.png"}},
+                         {"json": {field: f"{url}/{route}.png" if route == "predict" else [f"{url}/{route}.png"]}}):
+                answer = post(route, **sent)
+                assert answer.status_code == 400, (route, sent, answer.status_code, answer.text)
+                assert "send the image as a file upload" in answer.json()["error"], (route, sent)
     assert asked == []
 
 
