@@ -381,7 +381,10 @@ async def _load(url: str, uploads: list[bytes], headers: dict, processes: list) 
     def rss() -> int:
         return sum(p.memory_info().rss for p in processes)
 
-    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32)
+    # Idle connections expire on the client first: the server closes one idle for 5 s (uvicorn's keep-alive
+    # timeout), httpx's default expiry is also 5 s, and a request sent on a connection as the server closes it is
+    # lost (httpx.ReadError; seen once in CI, when the load ran past 5 s on a busy machine).
+    limits = httpx.Limits(max_connections=32, max_keepalive_connections=32, keepalive_expiry=2)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=120) as client:
         async def caller() -> None:
             while queue:
