@@ -39,10 +39,14 @@ def anyio_backend():
     return "asyncio"
 
 
-async def computing(model: Recorder) -> None:
-    """Waits until the model's first call has started (and is held by its gate)."""
+async def held(max_batch_size: int, fail_on: int | None = None) -> tuple[Recorder, Batcher, asyncio.Task]:
+    """A batcher whose model is computing a first call (item 0, or 1 with ``fail_on``), held by its gate."""
+    model = Recorder(fail_on)
+    batcher = Batcher(prepare, model, max_batch_size)
+    first = asyncio.create_task(batcher(0 if fail_on is None else 1))
     while not model.sizes:
         await asyncio.sleep(0.001)
+    return model, batcher, first
 
 
 @pytest.mark.anyio
@@ -55,10 +59,7 @@ async def test_a_lone_call_is_computed_at_once():
 
 @pytest.mark.anyio
 async def test_calls_queued_while_the_model_computes_share_the_next_call_and_get_their_own_rows():
-    model = Recorder()
-    batcher = Batcher(prepare, model, max_batch_size=4)
-    first = asyncio.create_task(batcher(0))
-    await computing(model)
+    model, batcher, first = await held(4)
     later = [asyncio.create_task(batcher(value)) for value in range(1, 8)]
     await asyncio.sleep(0.01)
     model.gate.set()
@@ -70,10 +71,7 @@ async def test_calls_queued_while_the_model_computes_share_the_next_call_and_get
 
 @pytest.mark.anyio
 async def test_a_bad_item_fails_its_own_caller_and_the_rest_of_its_batch_is_computed():
-    model = Recorder()
-    batcher = Batcher(prepare, model, max_batch_size=4)
-    first = asyncio.create_task(batcher(0))
-    await computing(model)
+    model, batcher, first = await held(4)
     good, bad, other = (asyncio.create_task(batcher(value)) for value in (1, -1, 2))
     await asyncio.sleep(0.01)
     model.gate.set()
@@ -90,10 +88,7 @@ async def test_a_bad_item_fails_its_own_caller_and_the_rest_of_its_batch_is_comp
 
 @pytest.mark.anyio
 async def test_a_failing_model_call_fails_only_its_own_callers_and_the_batcher_goes_on():
-    model = Recorder(fail_on=2)
-    batcher = Batcher(prepare, model, max_batch_size=2)
-    first = asyncio.create_task(batcher(1))
-    await computing(model)
+    model, batcher, first = await held(2, fail_on=2)
     in_failing_call = [asyncio.create_task(batcher(value)) for value in (2, 3)]
     after = asyncio.create_task(batcher(4))
     await asyncio.sleep(0.01)
@@ -108,10 +103,7 @@ async def test_a_failing_model_call_fails_only_its_own_callers_and_the_batcher_g
 
 @pytest.mark.anyio
 async def test_a_caller_that_gave_up_does_not_stop_the_others():
-    model = Recorder()
-    batcher = Batcher(prepare, model, max_batch_size=4)
-    first = asyncio.create_task(batcher(0))
-    await computing(model)
+    model, batcher, first = await held(4)
     impatient = asyncio.create_task(batcher(1))
     patient = asyncio.create_task(batcher(2))
     await asyncio.sleep(0.01)
