@@ -123,8 +123,8 @@ class JsonErrors:
                     data = None
                 if isinstance(data, list) and len(data) == 1 and isinstance(data[0], dict):
                     body = json.dumps(data[0]).encode()
-                elif isinstance(data, dict) and _field_errors(data.get("detail")):
-                    body = json.dumps({**data, "error": _field_errors(data["detail"])}).encode()
+                elif isinstance(data, dict) and (fields := _field_errors(data.get("detail"))):
+                    body = json.dumps({**data, "error": fields}).encode()
                 headers = [(k, v) for k, v in held["headers"] if k.lower() != b"content-length"]
                 await send({**held, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
                 held = None
@@ -172,23 +172,18 @@ def quiet_client_errors() -> None:
         logger.addFilter(_ClientErrorLine())
 
 
-async def _upload_only(value: object) -> object:
-    from bentoml.exceptions import BadInput
-    from starlette.datastructures import UploadFile
-
-    if isinstance(value, UploadFile):
-        return value
-    raise BadInput("send the image as a file upload (a multipart file part with a filename), not as text or a URL")
+async def _never_download(value: object) -> object:
+    return value        # a text value stays text: ``serving.uploads.Upload`` refuses it with a 400 naming the field
 
 
 def refuse_url_uploads() -> None:
-    """Makes a file field sent as text a 400 instead of a download.
+    """Keeps a file field sent as text from becoming a download.
 
     BentoML's multipart parsing (``MultipartSerde.ensure_file``, BentoML 1.4) fetches a file field that arrives as
     text as a URL: the API would request any address a client names, from inside the network that holds the
-    radiographs (and, without ``uvloop``, its address check fails and the answer is a 500). This API takes files
-    only.
+    radiographs (and, without ``uvloop``, its address check fails and the answer is a 500). Here the text is passed
+    on as it is, and the field's type (``Upload``) takes files only.
     """
     from _bentoml_impl.serde import MultipartSerde
 
-    MultipartSerde.ensure_file = staticmethod(_upload_only)
+    MultipartSerde.ensure_file = staticmethod(_never_download)

@@ -36,7 +36,7 @@ class Upload(PurePosixPath):
         if isinstance(value, UploadFile):
             return cls.received(value.filename, value.file.read())
         raise PydanticCustomError("upload_type", "send the image as a file upload (a multipart file part), not as "
-                                                 "JSON or text")
+                                                 "JSON, text or a URL")
 
     @classmethod
     def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
