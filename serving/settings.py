@@ -24,6 +24,7 @@ class Serve(BaseModel):
     max_batch_size: int = Field(gt=0)
     min_image_side: int = Field(gt=0)
     token_env: str
+    tracing: bool
 
 
 @dataclass(frozen=True)

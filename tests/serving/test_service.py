@@ -132,6 +132,18 @@ def test_the_api_page_offers_file_uploads(client):
         assert declared["format"] == "binary" and declared["type"] in {"file", "string"}, (route, declared)
 
 
+def test_requests_are_not_traced_unless_tracing_is_asked_for(client):
+    """``serve.tracing: false`` (the tiny study's, as the default): BentoML's OpenTelemetry middleware, which would
+    build a span per request, passes every route by."""
+    app = client.app
+    while not hasattr(app, "user_middleware"):     # BentoML's app under the test client's wrappers
+        app = app.app
+    tracing = next(m for m in app.user_middleware if m.cls.__name__ == "OpenTelemetryMiddleware")
+    excluded = tracing.kwargs["excluded_urls"]
+    assert all(excluded.url_disabled(f"http://testserver{route}") for route in ("/predict", "/predict_batch",
+                                                                               "/privacy"))
+
+
 def test_dicom_and_odd_modes_are_converted(study, client):
     dicom = next((study.root / "data/synthetic-vindr-cxr").rglob("*.dicom"))
     assert client.post("/predict", files={"image": ("x.dcm", dicom.read_bytes())}).status_code == 200

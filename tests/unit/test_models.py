@@ -125,3 +125,38 @@ def test_predict_computes_in_eval_mode_and_restores_each_module_s_mode():
     model.train()
     np.testing.assert_array_equal(predict(model, images), expected)
     assert all(module.training for module in model.modules())
+
+
+def test_onednn_pointwise_computes_small_batches_with_onednn_and_the_same_outputs():
+    """On one thread, 3-15 images: the 1x1 convolutions leave PyTorch's fallback kernel for oneDNN; outputs, state
+    dict and training (with gradients) are unchanged, and one or two images keep the fallback."""
+    import numpy as np
+    from torch.profiler import ProfilerActivity, profile
+
+    from models.convnext import normalize, predict, use_onednn_pointwise
+
+    def kernels(model: torch.nn.Module, images: np.ndarray) -> set[str]:
+        with profile(activities=[ProfilerActivity.CPU]) as trace:
+            predict(model, images)
+        return {event.key for event in trace.key_averages()}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = create_model("micro").eval()
+        switched = use_onednn_pointwise(create_model("micro", model.state_dict()).eval())
+        images = np.random.default_rng(0).integers(0, 256, (5, 32, 32), dtype=np.uint8)
+        assert "aten::_slow_conv2d_forward" in kernels(model, images)       # PyTorch's own choice at 5 images
+        assert "aten::_slow_conv2d_forward" not in kernels(switched, images)
+        assert "aten::_slow_conv2d_forward" in kernels(switched, images[:2])
+        for batch in (1, 2, 5, 16):
+            np.testing.assert_allclose(predict(switched, images.repeat(4, axis=0)[:batch]),
+                                       predict(model, images.repeat(4, axis=0)[:batch]), rtol=0, atol=1e-6)
+        assert switched.state_dict().keys() == model.state_dict().keys()
+        x = normalize(torch.from_numpy(images))
+        model(x).sum().backward()
+        switched(x).sum().backward()
+        for (name, a), b in zip(model.named_parameters(), switched.parameters(), strict=True):
+            torch.testing.assert_close(b.grad, a.grad, msg=name)
+    finally:
+        torch.set_num_threads(threads)
