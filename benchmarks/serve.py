@@ -8,10 +8,8 @@ pipeline in one process.
    ratio of the in-process figure.
 
 Both are measured ``--rounds`` times, interleaved (each round: in process, then each concurrency on new
-connections), and the median round is reported with the ranges: how the 32 connections fall on the server's
-workers changes from round to round (a worker accepts every connection pending when it wakes), and the in-process
-figure itself rose by up to a quarter on this machine once the server had served load, so each round's ratio is
-taken against the in-process figure measured beside it.
+connections), and the median round is reported with the ranges, each round's ratio against the in-process figure
+measured beside it, and how each round's 32 connections fell on the server's workers.
 
 Targets (issue 19): concurrency 32 at >= 60% of the in-process throughput and >= 3x concurrency 1's.
 Run ``make demo`` (or ``dvc repro``) first so the registry has the alias.

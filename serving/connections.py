@@ -4,7 +4,7 @@ BentoML's workers all accept on one listening socket (opened by its arbiter). as
 pending when that socket turns readable (up to uvicorn's backlog, 2,048), so on a burst of new connections the
 worker that runs first takes them all and, as clients keep connections alive, serves them alone while the other
 workers idle: in ``benchmarks/serve.py`` one worker of two took all 32 connections in about one round in three
-(417 images/s against 566-589 when they split). Here each worker accepts one connection per turn and then, while
+(403-478 images/s against 566-589 when they split). Here each worker accepts one connection per turn and then, while
 it holds ``n`` open connections, leaves the socket to the others for ``n`` x ``PACE_SECONDS``: the worker holding
 fewest accepts first, a burst spreads over the workers, and a single worker only delays its next accept a little.
 The kernel's queue of pending connections keeps its size (uvicorn still passes its backlog to ``listen``).
@@ -13,6 +13,8 @@ The kernel's queue of pending connections keeps its size (uvicorn still passes i
 from __future__ import annotations
 
 import asyncio.selector_events
+import socket
+from collections.abc import Callable
 
 PACE_SECONDS = 0.0005
 _LOOP = asyncio.selector_events.BaseSelectorEventLoop
@@ -27,7 +29,10 @@ def pace_accepts(workers: int) -> None:
     if getattr(_LOOP._start_serving, "paced", False):
         return
 
-    def start_serving(loop, protocol_factory, sock, sslcontext=None, server=None, backlog=100, *args):  # noqa: ANN001, ANN002, ANN202
+    def start_serving(loop: asyncio.selector_events.BaseSelectorEventLoop,
+                      protocol_factory: Callable[[], asyncio.Protocol], sock: socket.socket, sslcontext: object = None,
+                      server: asyncio.Server | None = None, backlog: int = 100, *args: object) -> None:
+        # ``backlog`` only bounds how many connections one readiness event accepts; ``listen`` has had it already.
         held = 0
 
         def counted() -> asyncio.Protocol:
@@ -46,8 +51,8 @@ def pace_accepts(workers: int) -> None:
 
         def accept() -> None:
             loop._accept_connection(counted, sock, sslcontext, server, 1, *args)
-            if workers > 1 and held:
-                loop._remove_reader(sock.fileno())
+            # (Out of file descriptors, asyncio has removed the reader itself and retries later: no pause then.)
+            if workers > 1 and held and loop._remove_reader(sock.fileno()):
                 loop.call_later(held * PACE_SECONDS, resume)
 
         def resume() -> None:
