@@ -77,13 +77,13 @@ def keep_freed_memory() -> None:
 async def over_http(url: str, images: list[bytes], concurrency: int) -> tuple[float, np.ndarray, list[int]]:
     """Sends every image once from ``concurrency`` keep-alive callers.
 
-    Returns:
-        Images/s, the latencies (s), and how the connections fell on the server's workers.
-
     The client shares the machine with the server, so it spends as little CPU as it can: aiohttp (httpx's client
     spent about three times its CPU per request: a no-model BentoML service measured 356-421 requests/s at
     concurrency 32 from httpx, 1,118 from aiohttp), and each multipart body encoded before the clock starts, as
     load generators send prepared requests.
+
+    Returns:
+        Images/s, the latencies (s), and how the connections fell on the server's workers.
     """
     import aiohttp
 
