@@ -133,7 +133,8 @@ class OneDnnPointwise(nn.Conv2d):
     """
 
     def _conv_forward(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if len(input) < 3 or input.device.type != "cpu" or input.dtype != torch.float32 or torch.is_grad_enabled():
+        if (input.dim() != 4 or len(input) < 3 or input.device.type != "cpu" or input.dtype != torch.float32
+                or torch.is_grad_enabled()):
             return super()._conv_forward(input, weight, bias)
         return torch.mkldnn_convolution(input, weight, bias, (0, 0), self.stride, self.dilation, self.groups)
 

@@ -153,6 +153,11 @@ def test_onednn_pointwise_computes_small_batches_with_onednn_and_the_same_output
             np.testing.assert_allclose(predict(switched, images.repeat(4, axis=0)[:batch]),
                                        predict(model, images.repeat(4, axis=0)[:batch]), rtol=0, atol=1e-6)
         assert switched.state_dict().keys() == model.state_dict().keys()
+        conv = torch.nn.Conv2d(4, 8, 1)
+        unbatched = torch.randn(4, 6, 6)                                      # (C, H, W), as Conv2d accepts
+        with torch.inference_mode():
+            expected = torch.nn.functional.conv2d(unbatched, conv.weight, conv.bias)
+            torch.testing.assert_close(use_onednn_pointwise(conv)(unbatched), expected)
         x = normalize(torch.from_numpy(images))
         model(x).sum().backward()
         switched(x).sum().backward()
