@@ -10,7 +10,8 @@ Measured (``benchmarks/serve.py``, 2 cores, the 64 px atto model, concurrency 32
 batching in a separate model service, 255-363 images/s against 194 (that service's HTTP round trip per call cost
 more CPU than its batching saved, so the model lives in the API process and this batcher merges that process's
 requests); preparing each batch's uploads in its model thread, rather than one thread hop per upload, raised
-0.57 of the in-process throughput to 0.62-0.63 (an in-process figure measured before the server served load).
+0.57 of the in-process throughput to 0.62-0.63 (against a fresh process's in-process figure, which glibc's
+allocator then kept about a fifth below its later one: ``benchmarks/serve.py`` now measures the later state).
 """
 
 from __future__ import annotations

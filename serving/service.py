@@ -42,9 +42,9 @@ from serving.uploads import Upload
 CONFIG = load_serving_config(Path(os.environ.get("DP_CXR_PARAMS", "params.yaml")))
 SETTINGS = CONFIG.serve
 # One worker per core, each computing its batches on one thread: on 2 cores two workers served 255-363 images/s at
-# concurrency 32 and one with two threads 250-306 (benchmarks/serve.py, four runs each, before uploads stayed in
-# memory); a worker's Python (HTTP, decoding, the model's layer calls) holds one interpreter lock, so one worker left
-# a core a third idle.
+# concurrency 32 and one with two threads 250-306 (benchmarks/serve.py, four runs each, an earlier version of this
+# service); a worker's Python (HTTP, decoding, the model's layer calls) holds one interpreter lock, so one worker left
+# a core a third idle. The workers' connections are spread by ``serving.connections``.
 WORKERS = os.cpu_count() or 1
 REQUEST_SECONDS = 60
 # Declared: otherwise BentoML derives every answer's media type from the return type's JSON schema, rebuilding it
